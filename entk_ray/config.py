@@ -1,0 +1,297 @@
+"""One validated configuration for a run: dataclasses, YAML loading and ``key=value`` overrides.
+
+Everything a run depends on lives here, and :meth:`Config.validate` is the one place that checks
+it. Validation runs before any data is read or any model is built, and every error names the
+field and the offending value, e.g. ``features.p must be a positive integer, got 0``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODELS = ("efficientnet_lite0", "resnet18", "resnet50")
+CHECKPOINT_FORMATS = ("auto", "torchvision", "moco", "timm")
+FEATURE_METHODS = ("auto", "hooks", "func")
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+BENCHMARKS = ("digits", "living17", "entity13", "entity30", "nonliving26", "image_folder")
+SOLVER_METHODS = ("spectral", "nag")
+TARGETS = ("onehot", "centered")
+SELECTIONS = ("id", "holdout")
+CORRUPT_POLICIES = ("fail", "skip")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+@dataclass
+class ModelConfig:
+    """Backbone g_θ and the scalar head f(x) = wᵀ g_θ(x)."""
+
+    name: str = "efficientnet_lite0"
+    # Path (local or s3://) to a checkpoint. None: the bundled Lite0 weights, or for torchvision
+    # models the file in the local torch hub cache (never downloaded).
+    weights: str | None = None
+    checkpoint_format: str = "auto"
+    head_seed: int = 0
+
+
+@dataclass
+class FeatureConfig:
+    """Per-example gradient features φ(x) = ∂f(x)/∂θ_S over a seeded parameter subset S."""
+
+    p: int = 500_000
+    param_seed: int = 0
+    include_head: bool = False
+    method: str = "auto"  # hooks: per-layer batch gradients; func: torch.func vmap(grad)
+    batch_size: int = 32
+    chunk_size: int = 8  # examples per vmap call: bounds memory at chunk × #params floats
+    storage_dtype: str = "float32"
+    device: str = "auto"  # auto: cuda when available, else cpu
+    num_workers: int = 0  # DataLoader workers for decoding images
+
+
+@dataclass
+class DataConfig:
+    benchmark: str = "digits"
+    seed: int = 0
+    image_size: int = 32
+    # Sizes; None means the whole split.
+    n_train: int | None = 1000
+    n_id_val: int | None = 500
+    n_ood: int | None = 500
+    # ImageNet-based BREEDS benchmarks (living17, ...): a local path or s3://bucket/prefix.
+    imagenet_root: str | None = None
+    corrupt_policy: str = "fail"
+    index_cache: str | None = None  # folder for the Parquet file index; default under the store
+    # image_folder benchmark: folders with one subfolder per class (local or s3://).
+    id_train_dir: str | None = None
+    id_val_dir: str | None = None
+    ood_dirs: list[str] = field(default_factory=list)
+    # Extra filesystem options for s3:// paths (e.g. {"client_kwargs": {"endpoint_url": ...}}).
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SolverConfig:
+    """Kernel ridge regression on the dual, solved by NAG, with a telescopic β search.
+
+    β = r · tr(K)/n. Round 0 sweeps ``r_grid``; each later round zooms around the best r with a
+    log-space grid half as wide, ``rounds`` rounds in all.
+    """
+
+    method: str = "spectral"  # spectral: exact NAG path from one eigh; nag: iterative NAG
+    r_grid: list[float] = field(default_factory=lambda: [10.0**k for k in range(-6, 3)])
+    rounds: int = 3
+    points_per_round: int = 9
+    max_steps: int = 1000
+    eval_every: int = 10
+    tol: float = 1e-6
+    momentum: str = "strongly_convex"  # or "schedule": μ_t = (t-1)/(t+2)
+    targets: str = "onehot"
+    selection: str = "id"  # id: select on the ID set (as the write-up); holdout: on a train slice
+    holdout_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probe: standardized penultimate features, multinomial L2 logistic regression."""
+
+    c_grid: list[float] = field(default_factory=lambda: [10.0**k for k in range(-7, 3)])
+    max_iter: int = 1000
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start a local Ray; "auto" or ray://...: join a cluster
+    num_workers: int | None = None  # feature actors; None: one per GPU, else one per CPU slot
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    shard_size: int = 256
+    block_gpus: float = 0.0  # fractional GPU per kernel-block task (0: CPU)
+    max_blocks_in_flight: int = 8
+    tune_max_concurrent: int | None = None
+
+
+@dataclass
+class StoreConfig:
+    out_dir: str = "results/demo"
+    artifact_store: str | None = None  # local folder or s3://...; None: <out_dir>/artifacts
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    use_ray: bool = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        return _from_dict(cls, data or {}, prefix="")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_overrides(self, overrides: list[str] | None) -> "Config":
+        """Apply ``section.field=value`` strings; values are parsed as YAML (``1e-3``, ``[1,2]``)."""
+        data = self.to_dict()
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.field=value")
+            key, raw = item.split("=", 1)
+            parts = key.strip().split(".")
+            node = data
+            for part in parts[:-1]:
+                if not isinstance(node, dict) or part not in node:
+                    raise ConfigError(f"override {item!r}: unknown config field {key!r}")
+                node = node[part]
+            if not isinstance(node, dict) or parts[-1] not in node:
+                raise ConfigError(f"override {item!r}: unknown config field {key!r}")
+            node[parts[-1]] = yaml.safe_load(raw)
+        return Config.from_dict(data)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, check_paths: bool = True) -> "Config":
+        """Check every field; raise :class:`ConfigError` naming the first bad one. Returns self."""
+        m, f, d, s, pr, r = self.model, self.features, self.data, self.solver, self.probe, self.ray
+        _choice("model.name", m.name, MODELS)
+        _choice("model.checkpoint_format", m.checkpoint_format, CHECKPOINT_FORMATS)
+        _int("model.head_seed", m.head_seed)
+        if check_paths and m.weights is not None:
+            _existing_path("model.weights", m.weights, d.storage_options)
+
+        _int("features.p", f.p, minimum=1, what="a positive integer")
+        _int("features.param_seed", f.param_seed)
+        _choice("features.method", f.method, FEATURE_METHODS)
+        _int("features.batch_size", f.batch_size, minimum=1, what="a positive integer")
+        _int("features.chunk_size", f.chunk_size, minimum=1, what="a positive integer")
+        _choice("features.storage_dtype", f.storage_dtype, STORAGE_DTYPES)
+        _choice("features.device", f.device.split(":")[0], ("auto", "cpu", "cuda"))
+        _int("features.num_workers", f.num_workers, minimum=0, what="a non-negative integer")
+
+        _choice("data.benchmark", d.benchmark, BENCHMARKS)
+        _int("data.seed", d.seed)
+        _int("data.image_size", d.image_size, minimum=8, what="an integer ≥ 8")
+        for name in ("n_train", "n_id_val", "n_ood"):
+            value = getattr(d, name)
+            if value is not None:
+                _int(f"data.{name}", value, minimum=1, what="a positive integer or null")
+        _choice("data.corrupt_policy", d.corrupt_policy, CORRUPT_POLICIES)
+        if d.benchmark in ("living17", "entity13", "entity30", "nonliving26"):
+            if not d.imagenet_root:
+                raise ConfigError(f"data.imagenet_root is required for data.benchmark={d.benchmark!r}")
+            if check_paths:
+                _existing_path("data.imagenet_root", d.imagenet_root, d.storage_options)
+        if d.benchmark == "image_folder":
+            for name in ("id_train_dir", "id_val_dir"):
+                if not getattr(d, name):
+                    raise ConfigError(f"data.{name} is required for data.benchmark='image_folder'")
+            if not d.ood_dirs:
+                raise ConfigError("data.ood_dirs must list at least one folder for data.benchmark='image_folder'")
+            if check_paths:
+                for name in ("id_train_dir", "id_val_dir"):
+                    _existing_path(f"data.{name}", getattr(d, name), d.storage_options)
+                for i, path in enumerate(d.ood_dirs):
+                    _existing_path(f"data.ood_dirs[{i}]", path, d.storage_options)
+
+        _choice("solver.method", s.method, SOLVER_METHODS)
+        if not s.r_grid:
+            raise ConfigError("solver.r_grid must not be empty")
+        for i, value in enumerate(s.r_grid):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"solver.r_grid[{i}] must be a positive number, got {value!r}")
+        _int("solver.rounds", s.rounds, minimum=1, what="a positive integer")
+        _int("solver.points_per_round", s.points_per_round, minimum=2, what="an integer ≥ 2")
+        _int("solver.max_steps", s.max_steps, minimum=1, what="a positive integer")
+        _int("solver.eval_every", s.eval_every, minimum=1, what="a positive integer")
+        if not isinstance(s.tol, (int, float)) or not s.tol > 0:
+            raise ConfigError(f"solver.tol must be a positive number, got {s.tol!r}")
+        _choice("solver.momentum", s.momentum, ("strongly_convex", "schedule"))
+        _choice("solver.targets", s.targets, TARGETS)
+        _choice("solver.selection", s.selection, SELECTIONS)
+        if not isinstance(s.holdout_fraction, (int, float)) or not 0 < s.holdout_fraction < 1:
+            raise ConfigError(f"solver.holdout_fraction must be in (0, 1), got {s.holdout_fraction!r}")
+
+        if not pr.c_grid:
+            raise ConfigError("probe.c_grid must not be empty")
+        for i, value in enumerate(pr.c_grid):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"probe.c_grid[{i}] must be a positive number, got {value!r}")
+        _int("probe.max_iter", pr.max_iter, minimum=1, what="a positive integer")
+
+        if r.num_workers is not None:
+            _int("ray.num_workers", r.num_workers, minimum=1, what="a positive integer or null")
+        for name in ("gpus_per_worker", "cpus_per_worker", "block_gpus"):
+            value = getattr(r, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"ray.{name} must be a non-negative number, got {value!r}")
+        _int("ray.shard_size", r.shard_size, minimum=1, what="a positive integer")
+        _int("ray.max_blocks_in_flight", r.max_blocks_in_flight, minimum=1, what="a positive integer")
+        return self
+
+
+def _from_dict(cls, data: dict[str, Any], prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(f"unknown config field {prefix}{key!r} (known: {known})")
+        ftype = fields[key].type
+        sub = _SECTIONS.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
+        kwargs[key] = _from_dict(sub, value, f"{prefix}{key}.") if sub else value
+    return cls(**kwargs)
+
+
+_SECTIONS = {
+    c.__name__: c
+    for c in (ModelConfig, FeatureConfig, DataConfig, SolverConfig, ProbeConfig, RayConfig, StoreConfig)
+}
+
+
+def _int(name: str, value: Any, minimum: int | None = None, what: str = "an integer") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _existing_path(name: str, path: str, storage_options: dict[str, Any]) -> None:
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(path, **(storage_options if "://" in path else {}))
+        ok = fs.exists(root)
+    except Exception as exc:  # an unreachable S3 endpoint is as bad as a missing path
+        raise ConfigError(f"{name} = {path!r} cannot be checked: {exc}") from exc
+    if not ok:
+        raise ConfigError(f"{name} = {path!r} does not exist")

@@ -1,0 +1,434 @@
+r"""Kernel ridge regression on the dual: closed form, Nesterov's method, and its exact spectral path.
+
+All functions take plain numpy arrays (float64) and know nothing of Ray.
+
+Objective (SPEC §1). With train kernel K (n×n), targets Y (n×C) and ridge β > 0,
+
+    G(α) = ½ αᵀKα + ½ β‖α‖² − tr(αᵀY),     ∇G(α) = (K + βI)α − Y,     α* = (K + βI)⁻¹Y.
+
+−∇G is the write-up's dual update −(Kα − Y) − βα. An evaluation set e with kernel K_e = Φ_eΦᵀ is
+scored as argmax_c (K_e α)_c. β is given relative to the mean eigenvalue, β = r · tr(K)/n.
+
+Nesterov (NAG), from α₀ = α₋₁ = 0 with step η = 1/(λ_max + β):
+
+    v_t = α_t + μ_t (α_t − α_{t−1}),     α_{t+1} = v_t − η ∇G(v_t),
+
+μ = (√κ − 1)/(√κ + 1), κ = (λ_max + β)/(λ_min + β) ("strongly_convex"), or μ_t = (t − 1)/(t + 2)
+("schedule").
+
+Exact spectral path. With K = UΛUᵀ and c = UᵀY, every iterate is α_t = U (a_t ⊙ c) where a_t ∈ R^n
+follows the scalar recurrence, per eigenvalue λ_i,
+
+    a_{t+1} = (1 − η(λ_i + β)) (a_t + μ_t (a_t − a_{t−1})) + η,     a_0 = a_{−1} = 0,
+
+because each eigendirection evolves independently and linearly in c. One ``eigh`` then gives every
+step for every β at O(n) per step, and evaluation is K_e α_t = (K_e U)(a_t ⊙ c).
+‖∇G(α_t)‖_F² = Σ_i ((λ_i + β) a_{t,i} − 1)² ‖c_i‖².
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg
+
+
+# --------------------------------------------------------------------------------------------
+# Problem set-up
+# --------------------------------------------------------------------------------------------
+def one_hot_targets(labels: np.ndarray, num_classes: int, centered: bool = False) -> np.ndarray:
+    """Y (n×C): one-hot rows, optionally centered (Y − 1/C)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")
+    y = np.zeros((labels.shape[0], num_classes), dtype=np.float64)
+    y[np.arange(labels.shape[0]), labels] = 1.0
+    return y - 1.0 / num_classes if centered else y
+
+
+def beta_from_r(kernel: np.ndarray, r: float) -> float:
+    """β = r · tr(K)/n: ridge strength relative to the mean eigenvalue of K."""
+    return float(r) * float(np.trace(kernel)) / kernel.shape[0]
+
+
+def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows whose argmax over classes (first on ties) equals the label."""
+    return float(np.mean(np.argmax(scores, axis=-1) == labels))
+
+
+@dataclass
+class KernelProblem:
+    """Everything a solver needs: K, targets, and labelled evaluation kernels.
+
+    ``select_on`` names the evaluation set used for early stopping and choosing β (the ID set,
+    as in the write-up, or a holdout slice of train); ``report_on`` lists the sets whose accuracy
+    is reported, ID first.
+    """
+
+    kernel: np.ndarray
+    targets: np.ndarray
+    eval_kernels: dict[str, np.ndarray]
+    eval_labels: dict[str, np.ndarray]
+    select_on: str = "id_val"
+    id_name: str = "id_val"
+
+    def __post_init__(self):
+        n = self.kernel.shape[0]
+        if self.kernel.shape != (n, n):
+            raise ValueError(f"K must be square, got shape {self.kernel.shape}")
+        if self.targets.shape[0] != n:
+            raise ValueError(f"targets have {self.targets.shape[0]} rows but K has {n}")
+        for name, ke in self.eval_kernels.items():
+            if ke.ndim != 2 or ke.shape[1] != n:
+                raise ValueError(f"evaluation kernel {name!r} must be (m, {n}), got {ke.shape}")
+            if self.eval_labels[name].shape[0] != ke.shape[0]:
+                raise ValueError(f"evaluation kernel {name!r} has {ke.shape[0]} rows but "
+                                 f"{self.eval_labels[name].shape[0]} labels")
+        if self.select_on not in self.eval_kernels:
+            raise ValueError(f"select_on={self.select_on!r} is not an evaluation set: {list(self.eval_kernels)}")
+
+    @property
+    def n(self) -> int:
+        return self.kernel.shape[0]
+
+    @property
+    def mean_eigenvalue(self) -> float:
+        return float(np.trace(self.kernel)) / self.n
+
+    @property
+    def report_on(self) -> list[str]:
+        return [k for k in self.eval_kernels if k != self.select_on or k == self.id_name]
+
+
+def make_problem(kernel: np.ndarray, train_labels: np.ndarray, eval_kernels: dict[str, np.ndarray],
+                 eval_labels: dict[str, np.ndarray], num_classes: int, targets: str = "onehot",
+                 selection: str = "id", holdout_fraction: float = 0.1, seed: int = 0,
+                 id_name: str = "id_val") -> KernelProblem:
+    """Build the solver problem; with ``selection="holdout"`` a seeded, stratified slice of train
+    is removed from K and becomes the selection set, and ID is still reported on ``id_name``."""
+    train_labels = np.asarray(train_labels, dtype=np.int64)
+    if selection == "id":
+        y = one_hot_targets(train_labels, num_classes, centered=targets == "centered")
+        return KernelProblem(kernel, y, dict(eval_kernels), dict(eval_labels), select_on=id_name, id_name=id_name)
+    if selection != "holdout":
+        raise ValueError(f"selection must be 'id' or 'holdout', got {selection!r}")
+    fit, hold = holdout_split(train_labels, holdout_fraction, seed)
+    y = one_hot_targets(train_labels[fit], num_classes, centered=targets == "centered")
+    kernels = {"holdout": kernel[np.ix_(hold, fit)], **{k: v[:, fit] for k, v in eval_kernels.items()}}
+    labels = {"holdout": train_labels[hold], **eval_labels}
+    return KernelProblem(kernel[np.ix_(fit, fit)], y, kernels, labels, select_on="holdout", id_name=id_name)
+
+
+def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (fit, holdout) index arrays: about ``fraction`` of each class is held out."""
+    rng = np.random.default_rng(seed)
+    hold = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = int(round(fraction * members.size))
+        if k >= members.size:
+            k = members.size - 1
+        hold.extend(rng.choice(members, size=max(k, 0), replace=False).tolist())
+    hold = np.sort(np.asarray(hold, dtype=np.int64))
+    if hold.size == 0:
+        raise ValueError(f"holdout_fraction={fraction} holds out no training example")
+    fit = np.setdiff1d(np.arange(labels.shape[0]), hold)
+    return fit, hold
+
+
+# --------------------------------------------------------------------------------------------
+# Solvers
+# --------------------------------------------------------------------------------------------
+def kernel_ridge(kernel: np.ndarray, targets: np.ndarray, beta: float) -> np.ndarray:
+    """α* = (K + βI)⁻¹ Y by a Cholesky solve."""
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    a = kernel + beta * np.eye(kernel.shape[0])
+    return scipy.linalg.solve(a, targets, assume_a="pos")
+
+
+def momentum_coefficient(lam_max: float, lam_min: float, beta: float) -> float:
+    """μ = (√κ − 1)/(√κ + 1), κ = (λ_max + β)/(λ_min + β)."""
+    kappa = (lam_max + beta) / (max(lam_min, 0.0) + beta)
+    root = math.sqrt(kappa)
+    return (root - 1.0) / (root + 1.0)
+
+
+def momentum_schedule(momentum: str, steps: int, mu: float) -> np.ndarray:
+    """μ_t for t = 0..steps−1: constant μ, or the (t − 1)/(t + 2) schedule."""
+    if momentum == "strongly_convex":
+        return np.full(steps, mu)
+    if momentum == "schedule":
+        t = np.arange(steps, dtype=np.float64)
+        return np.maximum(t - 1.0, 0.0) / (t + 2.0)
+    raise ValueError(f"momentum must be 'strongly_convex' or 'schedule', got {momentum!r}")
+
+
+def eval_steps(last_step: int, eval_every: int) -> np.ndarray:
+    """Steps at which accuracy is recorded: every ``eval_every`` steps, and the last step."""
+    steps = list(range(eval_every, last_step + 1, eval_every))
+    if not steps or steps[-1] != last_step:
+        steps.append(last_step)
+    return np.asarray(steps, dtype=np.int64)
+
+
+@dataclass
+class SolverRun:
+    """The path of one solver run at one β: accuracy of every evaluation set at recorded steps."""
+
+    r: float
+    beta: float
+    steps: np.ndarray
+    accuracy: dict[str, np.ndarray]
+    grad_norm: np.ndarray  # relative ‖∇G(α_t)‖_F / ‖Y‖_F at the recorded steps
+    converged: bool
+    final_step: int
+    method: str = "spectral"
+    round: int = 0
+
+    def best_index(self, select_on: str) -> int:
+        """Recorded step with the best selection accuracy (earliest on ties)."""
+        return int(np.argmax(self.accuracy[select_on]))
+
+    def point(self, index: int) -> dict:
+        return {"r": self.r, "beta": self.beta, "step": int(self.steps[index]),
+                **{name: float(acc[index]) for name, acc in self.accuracy.items()}}
+
+    def to_records(self) -> list[dict]:
+        """Every (r, β, step, accuracies…) point of the path."""
+        return [dict(self.point(i), grad_norm=float(self.grad_norm[i]), round=self.round,
+                     converged=self.converged, final_step=self.final_step)
+                for i in range(len(self.steps))]
+
+
+def nag_solve(problem: KernelProblem, r: float, max_steps: int = 1000, eval_every: int = 10,
+              tol: float = 1e-6, momentum: str = "strongly_convex", lam_max: float | None = None,
+              lam_min: float | None = None, return_iterates: bool = False):
+    """Iterative NAG on the dual (the faithful reference; one K-product per step).
+
+    λ_max and λ_min default to :func:`extreme_eigenvalues` (λ_min clipped at 0), the same values
+    :class:`SpectralSolver` uses, so both follow the same path. The gradient at every iterate is free: u_t = Kα_t is carried along, since Kv_t is linear in
+    (u_t, u_{t−1}) and u_{t+1} = Kv_t − ηK∇G(v_t). Stops when ‖∇G(α_t)‖_F/‖Y‖_F < tol.
+    Returns a :class:`SolverRun` (and the recorded iterates α_t when ``return_iterates``).
+    """
+    K, Y = problem.kernel, problem.targets
+    beta = beta_from_r(K, r)
+    if lam_max is None or lam_min is None:
+        top, bottom = extreme_eigenvalues(K)
+        lam_max = top if lam_max is None else lam_max
+        lam_min = bottom if lam_min is None else lam_min
+    eta = 1.0 / (lam_max + beta)
+    mus = momentum_schedule(momentum, max_steps, momentum_coefficient(lam_max, lam_min, beta))
+    y_norm = np.linalg.norm(Y)
+
+    alpha = np.zeros_like(Y)
+    alpha_prev = np.zeros_like(Y)
+    u = np.zeros_like(Y)  # K α_t
+    u_prev = np.zeros_like(Y)
+    steps, norms, iterates = [], [], []
+    acc: dict[str, list[float]] = {name: [] for name in problem.eval_kernels}
+    converged, t = False, 0
+
+    def record(step: int, norm: float) -> None:
+        steps.append(step)
+        norms.append(norm)
+        for name, ke in problem.eval_kernels.items():
+            acc[name].append(accuracy(ke @ alpha, problem.eval_labels[name]))
+        if return_iterates:
+            iterates.append(alpha.copy())
+
+    while t < max_steps:
+        mu = mus[t]
+        v = alpha + mu * (alpha - alpha_prev)
+        kv = u + mu * (u - u_prev)
+        g = kv + beta * v - Y
+        alpha_prev, u_prev = alpha, u
+        alpha = v - eta * g
+        u = kv - eta * (K @ g)
+        t += 1
+        norm = np.linalg.norm(u + beta * alpha - Y) / y_norm
+        converged = bool(norm < tol)
+        if t % eval_every == 0 or converged or t == max_steps:
+            record(t, norm)
+        if converged:
+            break
+    run = SolverRun(r=float(r), beta=beta, steps=np.asarray(steps), grad_norm=np.asarray(norms),
+                    accuracy={k: np.asarray(v) for k, v in acc.items()}, converged=converged,
+                    final_step=t, method="nag")
+    return (run, iterates) if return_iterates else run
+
+
+def extreme_eigenvalues(kernel: np.ndarray, exact_up_to: int = 8192) -> tuple[float, float]:
+    """(λ_max, max(λ_min, 0)) of a symmetric PSD matrix: LAPACK for n ≤ ``exact_up_to`` (bitwise
+    the values :class:`SpectralSolver` gets from its eigh up to round-off), Lanczos beyond."""
+    n = kernel.shape[0]
+    if n <= exact_up_to:
+        lam = scipy.linalg.eigvalsh(kernel, check_finite=False)
+        return float(lam[-1]), float(max(lam[0], 0.0))
+    from scipy.sparse.linalg import eigsh
+
+    lo, hi = sorted(eigsh(kernel, k=2, which="BE", return_eigenvectors=False, tol=1e-10))
+    return float(hi), float(max(lo, 0.0))
+
+
+class SpectralSolver:
+    """The exact NAG path for many β at once, from one eigendecomposition of K.
+
+    Holds ``K = UΛUᵀ``, ``c = UᵀY`` and ``K_e U`` for each evaluation set, so each β costs
+    O(n) per step plus one GEMM for all of its evaluations. λ_min is clipped at 0.
+    """
+
+    def __init__(self, problem: KernelProblem, eigh_driver: str = "evd"):
+        self.problem = problem
+        lam, u = scipy.linalg.eigh(problem.kernel, driver=eigh_driver, check_finite=False)
+        self.eigenvalues = lam
+        self.eigenvectors = u
+        self.lam_max = float(lam[-1])
+        self.lam_min = float(max(lam[0], 0.0))
+        self.c = u.T @ problem.targets  # (n, C)
+        self.c_sq = np.sum(self.c**2, axis=1)  # ‖c_i‖²
+        self.y_norm = float(np.linalg.norm(problem.targets))
+        self.projected = {name: ke @ u for name, ke in problem.eval_kernels.items()}
+
+    def coefficients(self, r: float, max_steps: int, eval_every: int, tol: float,
+                     momentum: str = "strongly_convex"):
+        """Run the scalar recurrence; returns (β, recorded steps, a at those steps, norms, converged)."""
+        beta = beta_from_r(self.problem.kernel, r)
+        lam = self.eigenvalues
+        eta = 1.0 / (self.lam_max + beta)
+        mus = momentum_schedule(momentum, max_steps, momentum_coefficient(self.lam_max, self.lam_min, beta))
+        shrink = 1.0 - eta * (lam + beta)
+        a = np.zeros_like(lam)
+        a_prev = np.zeros_like(lam)
+        steps, coefs, norms = [], [], []
+        converged, t = False, 0
+        while t < max_steps:
+            w = a + mus[t] * (a - a_prev)
+            a_prev = a
+            a = shrink * w + eta
+            t += 1
+            norm = math.sqrt(float(np.dot(((lam + beta) * a - 1.0) ** 2, self.c_sq))) / self.y_norm
+            converged = norm < tol
+            if t % eval_every == 0 or converged or t == max_steps:
+                steps.append(t)
+                coefs.append(a)
+                norms.append(norm)
+            if converged:
+                break
+        return beta, np.asarray(steps), np.asarray(coefs), np.asarray(norms), bool(converged)
+
+    def path(self, r: float, max_steps: int = 1000, eval_every: int = 10, tol: float = 1e-6,
+             momentum: str = "strongly_convex") -> SolverRun:
+        beta, steps, coefs, norms, converged = self.coefficients(r, max_steps, eval_every, tol, momentum)
+        acc = {}
+        for name, proj in self.projected.items():
+            # scores[t] = (K_e U) (a_t ⊙ c): one GEMM over all recorded steps
+            weights = coefs[:, :, None] * self.c[None, :, :]  # (T, n, C)
+            scores = np.einsum("mi,tic->tmc", proj, weights, optimize=True)
+            acc[name] = np.mean(np.argmax(scores, axis=-1) == self.problem.eval_labels[name][None, :], axis=1)
+        return SolverRun(r=float(r), beta=beta, steps=steps, accuracy=acc, grad_norm=norms,
+                         converged=converged, final_step=int(steps[-1]), method="spectral")
+
+    def iterate(self, coefficients: np.ndarray) -> np.ndarray:
+        """α = U (a ⊙ c) for one recorded coefficient vector."""
+        return self.eigenvectors @ (coefficients[:, None] * self.c)
+
+
+# --------------------------------------------------------------------------------------------
+# The telescopic β search
+# --------------------------------------------------------------------------------------------
+def zoom_grid(center_r: float, width_decades: float, points: int) -> list[float]:
+    """``points`` values of r log-spaced over ``width_decades`` decades centred on ``center_r``."""
+    c = math.log10(center_r)
+    return [10.0**x for x in np.linspace(c - width_decades / 2, c + width_decades / 2, points)]
+
+
+def selection_score(run: SolverRun, select_on: str) -> float:
+    """The quality of a β: its best early-stopped selection accuracy."""
+    return float(np.max(run.accuracy[select_on]))
+
+
+def telescopic_search(run_round: Callable[[list[float], int], list[SolverRun]], r_grid: Sequence[float],
+                      rounds: int, points_per_round: int, select_on: str) -> list[SolverRun]:
+    """Sweep r over ``r_grid``, then zoom ``rounds − 1`` times around the best r so far with a
+    log-space grid half as wide each round. ``run_round(rs, round)`` evaluates a list of r (a
+    Ray Tune round, or a local loop) and returns one :class:`SolverRun` per r. Every run is
+    returned (already-evaluated r values are not run twice)."""
+    grid = sorted(float(r) for r in r_grid)
+    width = math.log10(grid[-1] / grid[0]) if len(grid) > 1 else 2.0
+    runs: list[SolverRun] = []
+    seen: set[float] = set()
+    todo = grid
+    for round_index in range(rounds):
+        todo = [r for r in todo if _key(r) not in seen]
+        for run in run_round(todo, round_index):
+            run.round = round_index
+            runs.append(run)
+            seen.add(_key(run.r))
+        best = max(runs, key=lambda run: (selection_score(run, select_on), -runs.index(run)))
+        width /= 2.0
+        todo = zoom_grid(best.r, width, points_per_round)
+    return runs
+
+
+def _key(r: float) -> float:
+    return float(f"{r:.10e}")
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries: the table's eNTK rows
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Choice:
+    """A selected (β, step) and its accuracies on every evaluation set."""
+
+    method: str
+    r: float
+    beta: float
+    step: int
+    accuracy: dict[str, float]
+    converged: bool | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def choose_early_stopping(runs: Sequence[SolverRun], select_on: str) -> Choice:
+    """Best (β, step) by selection accuracy over all runs and recorded steps (earliest on ties)."""
+    best_run, best_idx, best = None, -1, -1.0
+    for run in runs:
+        idx = run.best_index(select_on)
+        score = float(run.accuracy[select_on][idx])
+        if score > best:
+            best_run, best_idx, best = run, idx, score
+    pt = best_run.point(best_idx)
+    return Choice("eNTK (early stopping)", best_run.r, best_run.beta, pt["step"],
+                  {k: pt[k] for k in best_run.accuracy}, converged=None)
+
+
+def choose_converged(runs: Sequence[SolverRun], select_on: str) -> Choice:
+    """Best β by the selection accuracy of its final iterate (converged or at max_steps)."""
+    best_run = max(runs, key=lambda run: (float(run.accuracy[select_on][-1]), -runs.index(run)))
+    pt = best_run.point(len(best_run.steps) - 1)
+    return Choice("eNTK (converged)", best_run.r, best_run.beta, pt["step"],
+                  {k: pt[k] for k in best_run.accuracy}, converged=best_run.converged)
+
+
+def solve_sweep(problem: KernelProblem, r_grid: Sequence[float], rounds: int = 3, points_per_round: int = 9,
+                method: str = "spectral", max_steps: int = 1000, eval_every: int = 10, tol: float = 1e-6,
+                momentum: str = "strongly_convex") -> list[SolverRun]:
+    """The telescopic search run in this process (the Ray layer runs rounds as Tune trials)."""
+    if method == "spectral":
+        solver = SpectralSolver(problem)
+
+        def run_one(r):
+            return solver.path(r, max_steps, eval_every, tol, momentum)
+    elif method == "nag":
+        lam_max, lam_min = extreme_eigenvalues(problem.kernel)
+
+        def run_one(r):
+            return nag_solve(problem, r, max_steps, eval_every, tol, momentum, lam_max=lam_max, lam_min=lam_min)
+    else:
+        raise ValueError(f"solver method must be 'spectral' or 'nag', got {method!r}")
+    return telescopic_search(lambda rs, _round: [run_one(r) for r in rs], r_grid, rounds,
+                             points_per_round, problem.select_on)

@@ -1,0 +1,151 @@
+"""Solvers: NAG and the spectral path against the closed form and against each other."""
+import numpy as np
+import pytest
+
+from entk_ray.solvers import (SpectralSolver, beta_from_r, choose_converged, choose_early_stopping, eval_steps,
+                              holdout_split, kernel_ridge, make_problem, nag_solve, one_hot_targets, solve_sweep,
+                              telescopic_search, zoom_grid)
+
+
+def synthetic_problem(n=150, m=80, classes=4, width=60, seed=0, selection="id", targets="onehot"):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n + 2 * m, width))
+    w = rng.normal(size=(width, classes))
+    labels = np.argmax(x @ w + 2.0 * rng.normal(size=(n + 2 * m, classes)), axis=1)
+    x[n + m:] += 0.7 * rng.normal(size=(m, width))  # a shifted "OOD" set
+    k = x[:n] @ x[:n].T
+    evals = {"id_val": x[n:n + m] @ x[:n].T, "ood:shift": x[n + m:] @ x[:n].T}
+    labs = {"id_val": labels[n:n + m], "ood:shift": labels[n + m:]}
+    return make_problem(k, labels[:n], evals, labs, classes, targets=targets, selection=selection,
+                        holdout_fraction=0.2, seed=1)
+
+
+@pytest.mark.parametrize("momentum", ["strongly_convex", "schedule"])
+def test_both_solvers_converge_to_kernel_ridge(momentum):
+    problem = synthetic_problem()
+    r = 0.05
+    exact = kernel_ridge(problem.kernel, problem.targets, beta_from_r(problem.kernel, r))
+    spectral = SpectralSolver(problem)
+    run, iterates = nag_solve(problem, r, max_steps=20000, eval_every=50, tol=1e-10, momentum=momentum,
+                              return_iterates=True)
+    assert run.converged and run.final_step < 20000
+    np.testing.assert_allclose(iterates[-1], exact, rtol=1e-7, atol=1e-7 * np.abs(exact).max())
+    beta, steps, coefs, norms, converged = spectral.coefficients(r, 20000, 50, 1e-10, momentum)
+    assert converged and norms[-1] < 1e-10
+    np.testing.assert_allclose(spectral.iterate(coefs[-1]), exact, rtol=1e-7, atol=1e-7 * np.abs(exact).max())
+    scores = problem.eval_kernels["id_val"] @ exact
+    assert run.accuracy["id_val"][-1] == np.mean(np.argmax(scores, 1) == problem.eval_labels["id_val"])
+
+
+@pytest.mark.parametrize("momentum", ["strongly_convex", "schedule"])
+@pytest.mark.parametrize("r", [1e-4, 1e-2, 1.0])
+def test_spectral_path_reproduces_iterative_nag(momentum, r):
+    problem = synthetic_problem(seed=2)
+    spectral = SpectralSolver(problem)
+    run, iterates = nag_solve(problem, r, max_steps=400, eval_every=7, tol=1e-9, momentum=momentum,
+                              lam_max=spectral.lam_max, lam_min=spectral.lam_min, return_iterates=True)
+    path = spectral.path(r, max_steps=400, eval_every=7, tol=1e-9, momentum=momentum)
+    _, steps, coefs, _, _ = spectral.coefficients(r, 400, 7, 1e-9, momentum)
+    assert np.array_equal(path.steps, run.steps) and path.final_step == run.final_step
+    for name in problem.eval_kernels:
+        assert np.array_equal(path.accuracy[name], run.accuracy[name]), name
+    scale = max(np.abs(a).max() for a in iterates)
+    for coef, alpha in zip(coefs, iterates):
+        np.testing.assert_allclose(spectral.iterate(coef), alpha, rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(path.grad_norm, run.grad_norm, rtol=1e-6, atol=1e-12)
+
+
+def test_early_stopping_picks_the_best_id_step_earliest_on_ties():
+    problem = synthetic_problem(seed=3)
+    runs = [SpectralSolver(problem).path(r, 300, 5, 1e-12) for r in (1e-3, 1e-1)]
+    choice = choose_early_stopping(runs, "id_val")
+    best = max(float(run.accuracy["id_val"].max()) for run in runs)
+    assert choice.accuracy["id_val"] == best
+    run = next(run for run in runs if run.r == choice.r)
+    first = int(np.flatnonzero(run.accuracy["id_val"] == best)[0])
+    assert choice.step == run.steps[first]
+    assert choice.accuracy["ood:shift"] == run.accuracy["ood:shift"][first]
+    final = choose_converged(runs, "id_val")
+    assert final.step in {run.final_step for run in runs}
+
+
+def test_eval_steps_include_the_last_step():
+    assert eval_steps(25, 10).tolist() == [10, 20, 25]
+    assert eval_steps(20, 10).tolist() == [10, 20]
+
+
+def test_telescopic_search_zooms_around_the_best_r_and_keeps_every_point():
+    calls = []
+
+    def run_round(rs, round_index):
+        calls.append((round_index, list(rs)))
+        runs = []
+        for r in rs:  # a fake accuracy peaked at r = 10**-2.3
+            acc = 1.0 - abs(np.log10(r) + 2.3) / 10
+            runs.append(type("Run", (), {"r": r, "accuracy": {"id_val": np.array([acc])}, "round": None})())
+        return runs
+
+    grid = [10.0**k for k in range(-6, 3)]
+    runs = telescopic_search(run_round, grid, rounds=3, points_per_round=6, select_on="id_val")
+    assert [c[0] for c in calls] == [0, 1, 2]
+    assert np.allclose(calls[0][1], grid)
+    # round 1: 6 points over 4 decades around 1e-2, less the two (1e-4, 1) already run
+    assert np.allclose(np.log10(calls[1][1]), [-3.2, -2.4, -1.6, -0.8])
+    # round 2: 2 decades around the best so far (10**-2.4)
+    r2 = np.log10(calls[2][1])
+    assert r2.min() >= -3.4 - 1e-9 and r2.max() <= -1.4 + 1e-9
+    assert len(runs) == len({round(np.log10(run.r), 9) for run in runs})  # no r evaluated twice
+    assert len(runs) == sum(len(c[1]) for c in calls)
+    best = max(runs, key=lambda run: run.accuracy["id_val"][0])
+    assert abs(np.log10(best.r) + 2.3) < 0.3
+    assert np.allclose(np.log10(zoom_grid(1e-2, 2.0, 3)), [-3, -2, -1])
+
+
+@pytest.mark.parametrize("method", ["spectral", "nag"])
+def test_solve_sweep_reports_every_point(method):
+    problem = synthetic_problem(seed=4)
+    runs = solve_sweep(problem, [1e-3, 1e-1, 10.0], rounds=2, points_per_round=3, method=method,
+                       max_steps=200, eval_every=20, tol=1e-8)
+    assert {run.round for run in runs} == {0, 1}
+    assert all(run.method == method for run in runs)
+    points = [p for run in runs for p in run.to_records()]
+    assert all({"r", "beta", "step", "id_val", "ood:shift"} <= set(p) for p in points)
+
+
+def test_spectral_and_nag_sweeps_agree():
+    problem = synthetic_problem(seed=5)
+    a = solve_sweep(problem, [1e-3, 1e-1, 10.0], 2, 3, "spectral", 150, 10, 1e-8)
+    b = solve_sweep(problem, [1e-3, 1e-1, 10.0], 2, 3, "nag", 150, 10, 1e-8)
+    assert [run.r for run in a] == pytest.approx([run.r for run in b])
+    for x, y in zip(a, b):
+        assert np.array_equal(x.accuracy["id_val"], y.accuracy["id_val"])
+
+
+def test_holdout_selection_selects_on_a_train_slice_and_reports_id():
+    problem = synthetic_problem(selection="holdout")
+    assert problem.select_on == "holdout" and "id_val" in problem.eval_kernels
+    assert problem.n == 150 - problem.eval_kernels["holdout"].shape[0]
+    runs = solve_sweep(problem, [1e-2, 1.0], 1, 2, "spectral", 100, 10, 1e-8)
+    choice = choose_early_stopping(runs, "holdout")
+    run = next(run for run in runs if run.r == choice.r)
+    idx = list(run.steps).index(choice.step)
+    assert choice.accuracy["holdout"] == run.accuracy["holdout"].max()
+    assert choice.accuracy["id_val"] == run.accuracy["id_val"][idx]
+
+
+def test_holdout_split_is_stratified_and_disjoint():
+    labels = np.repeat(np.arange(4), 25)
+    fit, hold = holdout_split(labels, 0.2, seed=0)
+    assert len(np.intersect1d(fit, hold)) == 0 and len(fit) + len(hold) == 100
+    assert np.bincount(labels[hold]).tolist() == [5, 5, 5, 5]
+
+
+def test_targets_and_bad_input():
+    y = one_hot_targets(np.array([0, 2]), 3, centered=True)
+    np.testing.assert_allclose(y, [[2 / 3, -1 / 3, -1 / 3], [-1 / 3, -1 / 3, 2 / 3]])
+    with pytest.raises(ValueError, match="labels must lie"):
+        one_hot_targets(np.array([3]), 3)
+    with pytest.raises(ValueError, match="beta must be positive"):
+        kernel_ridge(np.eye(2), np.eye(2), 0.0)
+    with pytest.raises(ValueError, match="select_on"):
+        make_problem(np.eye(2), np.array([0, 1]), {"x": np.eye(2)}, {"x": np.array([0, 1])}, 2)
