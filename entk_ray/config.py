@@ -262,11 +262,28 @@ def _from_dict(cls, data: dict[str, Any], prefix: str):
     for key, value in data.items():
         if key not in fields:
             known = ", ".join(fields)
-            raise ConfigError(f"unknown config field {prefix}{key!r} (known: {known})")
+            raise ConfigError(f"unknown config field '{prefix}{key}' (known: {known})")
         ftype = fields[key].type
         sub = _SECTIONS.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
-        kwargs[key] = _from_dict(sub, value, f"{prefix}{key}.") if sub else value
+        kwargs[key] = _from_dict(sub, value, f"{prefix}{key}.") if sub else _coerce_floats(str(ftype), value)
     return cls(**kwargs)
+
+
+def _coerce_floats(ftype: str, value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string: accept such strings (and ints) where floats are expected."""
+    def to_float(v):
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                return v
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    if ftype.startswith("list[float]") and isinstance(value, list):
+        return [to_float(v) for v in value]
+    if ftype.startswith("float"):
+        return to_float(value)
+    return value
 
 
 _SECTIONS = {

@@ -260,12 +260,25 @@ def nag_solve(problem: KernelProblem, r: float, max_steps: int = 1000, eval_ever
     return (run, iterates) if return_iterates else run
 
 
+def symmetric_eigh(kernel: np.ndarray, vectors: bool = True):
+    """Eigenvalues (ascending) [and eigenvectors] of a symmetric float64 matrix.
+
+    torch's LAPACK binding (divide and conquer) is ~2× faster than scipy's default here."""
+    import torch
+
+    k = torch.from_numpy(np.ascontiguousarray(kernel, dtype=np.float64))
+    if not vectors:
+        return torch.linalg.eigvalsh(k).numpy()
+    lam, u = torch.linalg.eigh(k)
+    return lam.numpy(), u.numpy()
+
+
 def extreme_eigenvalues(kernel: np.ndarray, exact_up_to: int = 8192) -> tuple[float, float]:
     """(λ_max, max(λ_min, 0)) of a symmetric PSD matrix: LAPACK for n ≤ ``exact_up_to`` (bitwise
     the values :class:`SpectralSolver` gets from its eigh up to round-off), Lanczos beyond."""
     n = kernel.shape[0]
     if n <= exact_up_to:
-        lam = scipy.linalg.eigvalsh(kernel, check_finite=False)
+        lam = symmetric_eigh(kernel, vectors=False)
         return float(lam[-1]), float(max(lam[0], 0.0))
     from scipy.sparse.linalg import eigsh
 
@@ -280,9 +293,9 @@ class SpectralSolver:
     O(n) per step plus one GEMM for all of its evaluations. λ_min is clipped at 0.
     """
 
-    def __init__(self, problem: KernelProblem, eigh_driver: str = "evd"):
+    def __init__(self, problem: KernelProblem):
         self.problem = problem
-        lam, u = scipy.linalg.eigh(problem.kernel, driver=eigh_driver, check_finite=False)
+        lam, u = symmetric_eigh(problem.kernel)
         self.eigenvalues = lam
         self.eigenvectors = u
         self.lam_max = float(lam[-1])
@@ -323,11 +336,12 @@ class SpectralSolver:
              momentum: str = "strongly_convex") -> SolverRun:
         beta, steps, coefs, norms, converged = self.coefficients(r, max_steps, eval_every, tol, momentum)
         acc = {}
+        n_steps, n_classes = coefs.shape[0], self.c.shape[1]
+        # scores[:, t] = (K_e U)(a_t ⊙ c) for every recorded t: one GEMM with an (n, T·C) right side
+        weights = (coefs.T[:, :, None] * self.c[:, None, :]).reshape(self.c.shape[0], n_steps * n_classes)
         for name, proj in self.projected.items():
-            # scores[t] = (K_e U) (a_t ⊙ c): one GEMM over all recorded steps
-            weights = coefs[:, :, None] * self.c[None, :, :]  # (T, n, C)
-            scores = np.einsum("mi,tic->tmc", proj, weights, optimize=True)
-            acc[name] = np.mean(np.argmax(scores, axis=-1) == self.problem.eval_labels[name][None, :], axis=1)
+            scores = (proj @ weights).reshape(proj.shape[0], n_steps, n_classes)
+            acc[name] = np.mean(np.argmax(scores, axis=-1) == self.problem.eval_labels[name][:, None], axis=0)
         return SolverRun(r=float(r), beta=beta, steps=steps, accuracy=acc, grad_norm=norms,
                          converged=converged, final_step=int(steps[-1]), method="spectral")
 
