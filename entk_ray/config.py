@@ -60,7 +60,7 @@ class FeatureConfig:
 class DataConfig:
     benchmark: str = "digits"
     seed: int = 0
-    image_size: int = 32
+    image_size: int = 64
     # Sizes; None means the whole split.
     n_train: int | None = 1000
     n_id_val: int | None = 500

@@ -16,13 +16,22 @@ import torch
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-def gram_block(phi_a: torch.Tensor, phi_b: torch.Tensor, compute_dtype: str = "float64") -> np.ndarray:
-    """``Φ_a Φ_bᵀ`` accumulated in ``compute_dtype``, returned as a float64 numpy array."""
+def gram_block(phi_a: torch.Tensor, phi_b: torch.Tensor, compute_dtype: str = "float64",
+               column_chunk: int = 65536) -> np.ndarray:
+    """``Φ_a Φ_bᵀ`` accumulated in ``compute_dtype``, returned as a float64 numpy array.
+
+    The feature dimension is processed ``column_chunk`` columns at a time, so the upcast copies
+    stay small (p = 500,000 float64 rows would otherwise double the blocks' memory)."""
     if phi_a.shape[1] != phi_b.shape[1]:
         raise ValueError(f"feature blocks have different widths: {phi_a.shape[1]} vs {phi_b.shape[1]}")
     dtype = COMPUTE_DTYPES[compute_dtype]
-    block = phi_a.to(dtype) @ phi_b.to(dtype).T
-    return block.to("cpu", torch.float64).numpy()
+    same = phi_a is phi_b
+    out = torch.zeros((phi_a.shape[0], phi_b.shape[0]), dtype=dtype, device=phi_a.device)
+    for start in range(0, phi_a.shape[1], column_chunk):
+        a = phi_a[:, start:start + column_chunk].to(dtype)
+        b = a if same else phi_b[:, start:start + column_chunk].to(dtype)
+        out.addmm_(a, b.T)
+    return out.to("cpu", torch.float64).numpy()
 
 
 def shard_bounds(sizes: Sequence[int]) -> list[tuple[int, int]]:
