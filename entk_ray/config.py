@@ -67,8 +67,15 @@ class DataConfig:
     n_ood: int | None = 500
     # ImageNet-based BREEDS benchmarks (living17, ...): a local path or s3://bucket/prefix.
     imagenet_root: str | None = None
-    corrupt_policy: str = "fail"
-    index_cache: str | None = None  # folder for the Parquet file index; default under the store
+    crop_size: int = 224  # image-file benchmarks: Resize(crop·256/224), CenterCrop(crop)
+    corrupt_policy: str = "fail"  # unreadable images: fail (list them) or skip (drop, warn with the count)
+    corrupt_check: str = "header"  # header (PIL verify), decode (full decode) or none
+    index_cache: str | None = None  # folder (local or s3://) for the Parquet file index
+    refresh_index: bool = False  # relist the files instead of using the cached index
+    # Flat ImageNet val/ only: ground truth (LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt)
+    # and, for the latter, the devkit's ILSVRC2012_ID → wnid mapping (meta.mat, or one wnid per line).
+    imagenet_val_ground_truth: str | None = None
+    imagenet_class_mapping: str | None = None
     # image_folder benchmark: folders with one subfolder per class (local or s3://).
     id_train_dir: str | None = None
     id_val_dir: str | None = None
@@ -200,7 +207,13 @@ class Config:
             value = getattr(d, name)
             if value is not None:
                 _int(f"data.{name}", value, minimum=1, what="a positive integer or null")
+        _int("data.crop_size", d.crop_size, minimum=8, what="an integer ≥ 8")
         _choice("data.corrupt_policy", d.corrupt_policy, CORRUPT_POLICIES)
+        _choice("data.corrupt_check", d.corrupt_check, ("header", "decode", "none"))
+        if check_paths:
+            for name in ("imagenet_val_ground_truth", "imagenet_class_mapping"):
+                if getattr(d, name):
+                    _existing_path(f"data.{name}", getattr(d, name), d.storage_options)
         if d.benchmark in ("living17", "entity13", "entity30", "nonliving26"):
             if not d.imagenet_root:
                 raise ConfigError(f"data.imagenet_root is required for data.benchmark={d.benchmark!r}")

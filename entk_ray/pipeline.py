@@ -155,16 +155,19 @@ def build_benchmark(cfg: Config) -> Benchmark:
         from entk_ray.data.digits import build_digits_benchmark
 
         return build_digits_benchmark(d, mean, std)
-    from entk_ray.data.transforms import eval_transform
+    from entk_ray.data.transforms import eval_transform_for_crop
 
-    transform = eval_transform(mean=mean, std=std)
+    transform = eval_transform_for_crop(d.crop_size, mean=mean, std=std)
+    common = dict(cache_dir=d.index_cache, corrupt_check=d.corrupt_check)
     if d.benchmark == "image_folder":
         from entk_ray.data.image_folder import build_image_folder_benchmark
 
-        return build_image_folder_benchmark(d, transform)
+        return build_image_folder_benchmark(d, transform, **common)
     from entk_ray.data.imagenet import build_breeds_benchmark
 
-    return build_breeds_benchmark(d, transform, name=d.benchmark)
+    return build_breeds_benchmark(d, transform, name=d.benchmark, val_ground_truth=d.imagenet_val_ground_truth,
+                                  val_class_mapping=d.imagenet_class_mapping, refresh_index=d.refresh_index,
+                                  **common)
 
 
 # --------------------------------------------------------------------------------------------
