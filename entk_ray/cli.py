@@ -44,6 +44,24 @@ COMMON_OPTIONS = {
 }
 
 
+IMAGE_OPTIONS = {
+    "--benchmark": ("data.benchmark", str, "living17, entity13, entity30, nonliving26 or image_folder"),
+    "--imagenet-root": ("data.imagenet_root", str, "ImageNet root with train/ and val/ (local or s3://)"),
+    "--val-ground-truth": ("data.imagenet_val_ground_truth", str,
+                           "flat val/ only: LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt"),
+    "--class-mapping": ("data.imagenet_class_mapping", str,
+                        "flat val/ with the devkit ground truth: ILSVRC2012_ID→wnid (meta.mat or one wnid a line)"),
+    "--index-cache": ("data.index_cache", str, "folder (or s3://) for the cached Parquet file index"),
+    "--refresh-index": ("data.refresh_index", str, "true: relist the files instead of using the cached index"),
+    "--crop-size": ("data.crop_size", int, "center-crop resolution (resize = crop·256/224)"),
+    "--corrupt-policy": ("data.corrupt_policy", str, "unreadable images: fail (list them) or skip"),
+    "--corrupt-check": ("data.corrupt_check", str, "header (PIL verify), decode (full) or none"),
+    "--decode-workers": ("features.num_workers", int, "DataLoader processes decoding images"),
+    "--id-train-dir": ("data.id_train_dir", str, "image_folder: ID training folder (class subfolders)"),
+    "--id-val-dir": ("data.id_val_dir", str, "image_folder: ID validation folder"),
+}
+
+
 def build_parser(description: str, extra: dict | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -58,6 +76,9 @@ def build_parser(description: str, extra: dict | None = None) -> argparse.Argume
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override any config field, e.g. --set solver.tol=1e-8 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    if extra is IMAGE_OPTIONS:
+        parser.add_argument("--ood-dir", action="append", default=None, metavar="DIR",
+                            help="image_folder: an OOD folder, one table column each (repeatable) [data.ood_dirs]")
     return parser
 
 
@@ -69,6 +90,8 @@ def config_from_args(args: argparse.Namespace, base: Config, extra: dict | None 
         if value is not None:
             overrides.append(f"{path}={value}")
     cfg = cfg.with_overrides(overrides + list(args.set))
+    if getattr(args, "ood_dir", None):
+        cfg.data.ood_dirs = list(args.ood_dir)
     if args.use_ray is not None:
         cfg.use_ray = args.use_ray
     elif cfg.ray.address:  # an address means Ray
@@ -104,6 +127,27 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     """The CPU quick-start: EfficientNet-Lite0 on MNIST → optdigits."""
     return run_cli(argv, "entk_ray quick-start: eNTK vs linear probing on the digits shift "
                          "(MNIST-5k → UCI optdigits) with EfficientNet-Lite0, offline on a CPU.", demo_config())
+
+
+def living17_main(argv: Sequence[str] | None = None) -> int:
+    """The headline benchmark: BREEDS Living-17 on ImageNet (or any image-folder dataset)."""
+    from entk_ray.report import LIVING17_REFERENCE
+
+    parser_args = list(sys.argv[1:] if argv is None else argv)
+    base = living17_config()
+    probe = build_parser("", IMAGE_OPTIONS).parse_known_args(parser_args)[0]
+    benchmark = probe.benchmark or (Config.from_yaml(probe.config).data.benchmark if probe.config else "living17")
+    return run_cli(parser_args, "entk_ray on BREEDS Living-17: eNTK vs linear probing, ID and OOD, with the "
+                                "write-up's reference rows. Reads ImageNet from a local folder or s3://; "
+                                "--benchmark image_folder runs the same pipeline on your own folders.",
+                   base, IMAGE_OPTIONS, reference_rows=LIVING17_REFERENCE if benchmark == "living17" else None)
+
+
+def living17_config() -> Config:
+    """Living-17 defaults: ResNet-50, p = 500,000, every image, 224 px, results/living17."""
+    return Config().with_overrides([
+        "model.name=resnet50", "data.benchmark=living17", "data.n_train=null", "data.n_id_val=null",
+        "data.n_ood=null", "features.batch_size=64", "store.out_dir=results/living17"])
 
 
 def demo_config() -> Config:

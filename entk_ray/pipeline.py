@@ -80,6 +80,7 @@ class KernelSet:
     embeddings: dict[str, np.ndarray]  # "train" and each evaluation set
     subset_fingerprint: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    p: int = 0  # coordinates in S (min(p, #candidate parameters))
 
 
 def run_fingerprint(cfg: Config, benchmark: Benchmark, subset_fingerprint: str, weights_fingerprint: str) -> str:
@@ -134,7 +135,7 @@ class LocalBackend(Backend):
         train = kern.train_kernel([phis["train"]])
         evals = {name: kern.cross_kernel([phis[name]], [phis["train"]]) for name in benchmark.eval_sets()}
         timings["kernels_s"] = time.perf_counter() - start
-        return KernelSet(train, evals, embs, featurizer.subset.fingerprint(), timings)
+        return KernelSet(train, evals, embs, featurizer.subset.fingerprint(), timings, featurizer.subset.p)
 
     def sweep(self, cfg: Config, problem: KernelProblem) -> list[SolverRun]:
         s = cfg.solver
@@ -216,8 +217,12 @@ def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
     try:
         ks = backend.kernels(cfg, benchmark, progress=progress)
         timings.update(ks.timings)
-        log(f"features + kernels: K {ks.train.shape}, p={cfg.features.p}, S={ks.subset_fingerprint} "
-            f"({timings.get('features_s', 0):.1f}s + {timings.get('kernels_s', 0):.1f}s)")
+        examples = sum(sizes.values())
+        rate = examples / timings["features_s"] if timings.get("features_s") else float("nan")
+        timings["examples_per_s"] = rate
+        log(f"features: {examples} examples in {timings.get('features_s', 0):.1f}s ({rate:.1f} examples/s, "
+            f"decoding + gradients); kernels: K {ks.train.shape} in {timings.get('kernels_s', 0):.1f}s; "
+            f"p={ks.p}, S={ks.subset_fingerprint}")
 
         s = cfg.solver
         eval_labels = {name: ds.labels for name, ds in benchmark.eval_sets().items()}

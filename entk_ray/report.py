@@ -97,7 +97,8 @@ def write_results(out_dir: str | Path, rows: Sequence[dict], runs: Sequence[Solv
             writer = csv.DictWriter(fh, fieldnames=list(points[0]))
             writer.writeheader()
             writer.writerows(points)
-    chosen = next((row for row in rows if row["method"] == "eNTK (early stopping)"), None)
+    chosen = next((row for row in rows if row["method"] == "eNTK (early stopping)"
+                   and row.get("source", "measured") == "measured"), None)
     if runs and chosen is not None:
         plot_accuracy_vs_step(runs, chosen["r"], paths["accuracy_vs_step.png"])
         plot_accuracy_vs_beta(runs, select_on, paths["accuracy_vs_beta.png"])
