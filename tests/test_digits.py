@@ -17,7 +17,7 @@ RESNET_MEAN, RESNET_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)
 
 @pytest.fixture(scope="module")
 def bench() -> Benchmark:
-    return D.build_digits_benchmark(DataConfig(n_train=1000, n_id_val=500, n_ood=500), LITE0_MEAN, LITE0_STD)
+    return D.build_digits_benchmark(DataConfig(n_train=1000, n_id_val=500, n_ood=500, image_size=32), LITE0_MEAN, LITE0_STD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,12 +150,12 @@ def test_null_sizes_take_the_rest():
 
 
 def test_same_seed_same_benchmark_other_seed_other_split(bench):
-    again = D.build_digits_benchmark(DataConfig(n_train=1000, n_id_val=500, n_ood=500), LITE0_MEAN, LITE0_STD)
+    again = D.build_digits_benchmark(DataConfig(n_train=1000, n_id_val=500, n_ood=500, image_size=32), LITE0_MEAN, LITE0_STD)
     assert torch.equal(again.train.images, bench.train.images)
     assert torch.equal(again.ood["optdigits"].images, bench.ood["optdigits"].images)
     assert np.array_equal(again.id_val.source_indices, bench.id_val.source_indices)
     assert again.manifest_hash() == bench.manifest_hash()
-    other = D.build_digits_benchmark(DataConfig(seed=1, n_train=1000, n_id_val=500, n_ood=500), LITE0_MEAN, LITE0_STD)
+    other = D.build_digits_benchmark(DataConfig(seed=1, n_train=1000, n_id_val=500, n_ood=500, image_size=32), LITE0_MEAN, LITE0_STD)
     assert not np.array_equal(other.train.source_indices, bench.train.source_indices)
     assert not np.array_equal(other.ood["optdigits"].source_indices, bench.ood["optdigits"].source_indices)
     assert other.manifest_hash() != bench.manifest_hash()
