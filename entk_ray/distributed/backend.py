@@ -1,0 +1,371 @@
+"""``RayBackend``: the pipeline's heavy stages on Ray (features → kernel blocks → Tune sweep).
+
+The driver (this process) owns the run: it joins or starts Ray, hashes the run's fingerprint,
+loads whatever the artifact store already has for it, starts the feature actors for the rest,
+launches kernel-block tasks as soon as their two shards exist, gathers blocks into the
+preallocated K / K_e, releases the actors, and finally runs the telescopic β search as one Ray
+Tune run per round. The math is the single-process code (``Featurizer``, ``kernels.gram_block``,
+``SpectralSolver``/``nag_solve``, ``telescopic_search``), so :class:`RayBackend` reproduces
+:class:`entk_ray.pipeline.LocalBackend`.
+
+Options come from ``cfg.ray`` (address, num_workers, gpus/cpus per worker, shard_size, block_gpus,
+max_blocks_in_flight, tune_max_concurrent) and ``cfg.store`` (artifact_store, storage_options).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from typing import Any, Callable
+
+import numpy as np
+import ray
+
+from entk_ray import kernels as kern
+from entk_ray.config import Config
+from entk_ray.data.base import Benchmark
+from entk_ray.distributed import metrics
+from entk_ray.distributed.actors import ConfigFeaturizerFactory, FeaturePool, Shard
+from entk_ray.distributed.blocks import TRAIN, KernelAssembler
+from entk_ray.distributed.runtime import cluster_cpus, cluster_gpus, init_ray, shutdown_ray
+from entk_ray.distributed.sweep import run_from_dict, run_to_dict, tune_sweep
+from entk_ray.pipeline import Backend, KernelSet, run_fingerprint
+from entk_ray.solvers import KernelProblem, SolverRun
+from entk_ray.store import ArtifactStore, Namespace, load_kernels, safe_name, save_kernels
+
+log = logging.getLogger(__name__)
+
+EventHook = Callable[..., None]
+
+
+class RayBackend(Backend):
+    """Features, kernels and the β sweep on Ray (see the module docstring).
+
+    Args:
+        cfg: the run's config; ``cfg.ray.address`` decides whether Ray is joined or started.
+        featurizer_factory: picklable ``factory(device) -> featurizer`` with
+            ``weights_fingerprint()``; default: the configured model
+            (:class:`~entk_ray.distributed.actors.ConfigFeaturizerFactory`).
+        store: an :class:`ArtifactStore`, ``True`` for the configured one
+            (``cfg.store.artifact_store`` or ``<out_dir>/artifacts``), or ``None`` for none.
+        on_event: optional ``hook(event, **payload)`` called on the driver for ``"actors"``
+            (pool), ``"shard"`` (result), ``"block"`` and ``"round"``; used by fault-injection tests.
+        keep_partials: keep per-block / per-shard artifacts after the whole kernels are stored.
+        max_restarts, max_task_retries: feature-actor fault tolerance.
+        init_kwargs: extra ``ray.init`` arguments when this backend starts Ray.
+    """
+
+    name = "ray"
+
+    def __init__(self, cfg: Config, *, featurizer_factory=None, store: ArtifactStore | bool | None = True,
+                 on_event: EventHook | None = None, keep_partials: bool = False, max_restarts: int = 3,
+                 max_task_retries: int = 2, **init_kwargs: Any):
+        self.cfg = cfg
+        self.featurizer_factory = featurizer_factory
+        self.store = ArtifactStore.from_config(cfg) if store is True else (store or None)
+        self.on_event = on_event
+        self.keep_partials = keep_partials
+        self.max_restarts = max_restarts
+        self.max_task_retries = max_task_retries
+        self.pool: FeaturePool | None = None
+        self.namespace: Namespace | None = None
+        self.fingerprint: str | None = None
+        self.stats: dict[str, Any] = {}
+        start = time.perf_counter()
+        self._started = init_ray(cfg.ray.address, **init_kwargs)
+        self.init_s = time.perf_counter() - start
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Release actors; shut Ray down only if this backend started it."""
+        if self.pool is not None:
+            self.pool.release()
+            self.pool = None
+        shutdown_ray(self._started)
+        self._started = False
+
+    def __enter__(self) -> "RayBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _emit(self, event: str, **payload) -> None:
+        if self.on_event is not None:
+            self.on_event(event, **payload)
+
+    # ------------------------------------------------------------------ features + kernels
+    def kernels(self, cfg: Config, benchmark: Benchmark, progress: bool = True) -> KernelSet:
+        """Φ of every split on feature actors, K and each K_e from block tasks, reusing the store."""
+        factory = self.featurizer_factory or ConfigFeaturizerFactory(cfg.model, cfg.features, cfg.data.storage_options)
+        return _KernelStage(self, cfg, benchmark, factory, progress).run()
+
+    def _start_pool(self, cfg: Config, factory, dataset_refs: dict, shards_needed: int) -> FeaturePool:
+        """Feature actors: one per GPU (``gpus_per_worker`` each) when the cluster has GPUs, else
+        one per ``cpus_per_worker`` CPUs; ``ray.num_workers`` overrides; never more than shards."""
+        r = cfg.ray
+        gpus = cluster_gpus()
+        use_gpu = gpus > 0 and r.gpus_per_worker > 0
+        if r.num_workers is not None:
+            workers = r.num_workers
+        elif use_gpu:
+            workers = max(1, int(gpus // r.gpus_per_worker))
+        else:
+            workers = max(1, int(cluster_cpus() // max(r.cpus_per_worker, 1e-9)))
+        workers = max(1, min(workers, shards_needed))
+        pool = FeaturePool(factory, dataset_refs, workers, num_cpus=r.cpus_per_worker,
+                           num_gpus=r.gpus_per_worker if use_gpu else 0.0, device=cfg.features.device,
+                           max_restarts=self.max_restarts, max_task_retries=self.max_task_retries,
+                           run_id=f"{(self.fingerprint or 'run')[:8]}-{uuid.uuid4().hex[:4]}")
+        self._emit("actors", pool=pool, backend=self)
+        log.info("started %d feature actors (%s)", workers, "GPU" if use_gpu else "CPU")
+        return pool
+
+    # ------------------------------------------------------------------ sweep
+    def sweep(self, cfg: Config, problem: KernelProblem) -> list[SolverRun]:
+        """The telescopic search as Ray Tune runs; reused from the store when already done."""
+        ns = self.namespace
+        key = f"sweeps/{_sweep_key(cfg, problem)}" if ns is not None else None
+        if key is not None and ns.has(key):
+            log.info("sweep results loaded from %s", ns.uri)
+            return [run_from_dict(doc) for doc in ns.load_json(key)]
+        name = f"sweep-{(self.fingerprint or 'kernels')[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
+        runs = tune_sweep(cfg, problem, name=name,
+                          on_round=lambda i, rs: self._emit("round", index=i, runs=rs, backend=self))
+        if key is not None:
+            ns.save_json(key, [run_to_dict(run) for run in runs], meta={"solver": vars(cfg.solver)})
+        return runs
+
+
+# --------------------------------------------------------------------------------------------
+# The features + kernels stage of one run
+# --------------------------------------------------------------------------------------------
+class _KernelStage:
+    """State of one ``RayBackend.kernels`` call: the driver's event loop over shard results and
+    block results (``ray.wait`` on both), with the store consulted first and written as it goes."""
+
+    def __init__(self, backend: RayBackend, cfg: Config, benchmark: Benchmark, factory, progress: bool):
+        self.backend, self.cfg, self.benchmark, self.factory = backend, cfg, benchmark, factory
+        self.progress = progress
+        self.splits = {TRAIN: benchmark.train, **benchmark.eval_sets()}
+        self.eval_names = list(benchmark.eval_sets())
+        self.t0 = time.perf_counter()
+        self.timings = {"ray_init_s": backend.init_s}
+        self.subset_fp: str | None = None
+        self.subset_p: int | None = None
+        self.ns: Namespace | None = None
+        self.inflight: set[Shard] = set()
+        self.dataset_refs: dict[str, ray.ObjectRef] = {}
+        self.embeddings: dict[str, np.ndarray | None] = {name: None for name in self.splits}
+        self.features_done = self.t0
+        backend.fingerprint = backend.namespace = None
+        backend.stats = self.stats = {"fingerprint": None, "shards_computed": 0, "blocks_computed": 0,
+                                      "blocks_cached": 0, "shard_failures": 0, "pids": set(), "nodes": set(),
+                                      "reused": False}
+
+    def run(self) -> KernelSet:
+        from tqdm.auto import tqdm
+
+        cached = self._open_store()
+        if cached is not None:
+            return cached
+        shards = {name: [Shard(name, i, a, b) for i, (a, b) in enumerate(kern.split_rows(len(ds), self.cfg.ray.shard_size))]
+                  for name, ds in self.splits.items()}
+        self.assembler = KernelAssembler(shards, storage_dtype=self.cfg.features.storage_dtype,
+                                         max_in_flight=self.cfg.ray.max_blocks_in_flight,
+                                         block_gpus=self.cfg.ray.block_gpus, namespace=self.ns)
+        self.block_bar = tqdm(total=self.assembler.total, desc="kernel blocks", unit="block",
+                              disable=not self.progress, leave=False)
+        self.stats["blocks_cached"] = self.assembler.load_cached(self.block_bar)
+        todo = self._shards_to_compute(shards)
+        self.feature_bar = tqdm(total=sum(s.size for s in todo), desc="features", unit="ex",
+                                disable=not self.progress, leave=False)
+        try:
+            self._compute(todo)
+            self._loop()
+        finally:
+            self.feature_bar.close()
+            self.block_bar.close()
+            self._release_pool()
+        done = time.perf_counter()
+        self.timings.update(features_s=self.features_done - self.t0, kernels_s=done - self.features_done)
+        return self._finish()
+
+    # -------------------------------------------------------------- store
+    def _open_store(self) -> KernelSet | None:
+        """Fingerprint the run and return the stored kernel set if it is complete."""
+        backend = self.backend
+        if backend.store is None:
+            return None  # the actors report S; the driver need not build the model
+        # The store is keyed by the run fingerprint, which needs S: build the model once here.
+        self.subset_fp, self.subset_p, weights_fp = _driver_fingerprints(self.factory)
+        backend.fingerprint = self.stats["fingerprint"] = run_fingerprint(
+            self.cfg, self.benchmark, self.subset_fp, weights_fp)
+        self.ns = backend.namespace = backend.store.namespace(backend.fingerprint, parts={
+            "run_fingerprint": backend.fingerprint, "weights": weights_fp, "subset": self.subset_fp,
+            "manifest": self.benchmark.manifest, "model": self.cfg.model.name, "features": vars(self.cfg.features)})
+        sizes = {name: len(ds) for name, ds in self.splits.items()}
+        cached = load_kernels(self.ns, sizes, self.eval_names)
+        if cached is None:
+            return None
+        self.stats["reused"] = True
+        self.timings.update(features_s=0.0, kernels_s=0.0, store_load_s=time.perf_counter() - self.t0)
+        log.info("kernels for fingerprint %s loaded from %s", backend.fingerprint, self.ns.uri)
+        return KernelSet(cached[0], cached[1], cached[2], self.subset_fp, self.timings, self.subset_p)
+
+    def _shards_to_compute(self, shards: dict[str, list[Shard]]) -> list[Shard]:
+        """Shards that a missing block reads, or whose embeddings are not stored."""
+        needed = self.assembler.needed_shards()
+        todo = []
+        for name, rows in shards.items():
+            for shard in rows:
+                emb = _load_shard_embeddings(self.ns, shard)
+                if emb is not None:
+                    self._put_embeddings(shard, emb)
+                if emb is None or shard in needed:
+                    todo.append(shard)
+        return todo
+
+    def _finish(self) -> KernelSet:
+        backend = self.backend
+        if backend.fingerprint is None:
+            backend.fingerprint = self.stats["fingerprint"] = run_fingerprint(
+                self.cfg, self.benchmark, self.subset_fp, self.factory.weights_fingerprint())
+        missing = [name for name, e in self.embeddings.items() if e is None]
+        if missing:
+            raise RuntimeError(f"no embeddings for splits {missing}")
+        train = self.assembler.kernels[TRAIN]
+        evals = {name: self.assembler.kernels[name] for name in self.eval_names}
+        if self.ns is not None:
+            start = time.perf_counter()
+            save_kernels(self.ns, train, evals, self.embeddings)
+            if not backend.keep_partials:
+                self.ns.delete("blocks/")
+                self.ns.delete("shards/")
+            self.timings["store_save_s"] = time.perf_counter() - start
+        return KernelSet(train, evals, self.embeddings, self.subset_fp, self.timings, self.subset_p)
+
+    # -------------------------------------------------------------- the event loop
+    def _compute(self, shards: list[Shard]) -> None:
+        """Queue shards on the feature actors (starting them, and shipping datasets, if needed)."""
+        if not shards:
+            return
+        backend = self.backend
+        if backend.pool is None:
+            for name in {s.split for s in shards} - set(self.dataset_refs):
+                self.dataset_refs[name] = ray.put(self.splits[name])  # once per split, shared by all actors
+            backend.pool = backend._start_pool(self.cfg, self.factory, self.dataset_refs, len(shards))
+        self.inflight.update(shards)
+        backend.pool.submit(shards)
+
+    def _loop(self) -> None:
+        assembler = self.assembler
+        while True:
+            assembler.launch()
+            pool = self.backend.pool
+            refs = (pool.pending() if pool is not None else []) + assembler.pending()
+            if not refs:
+                if not assembler.missing:
+                    return
+                # Blocks wait for shards that were lost and are not being recomputed.
+                lost = sorted(assembler.waiting_for() - self.inflight, key=_shard_order)
+                if not lost:
+                    raise RuntimeError(f"{len(assembler.missing)} kernel blocks cannot start")
+                self._compute(lost)
+                continue
+            ready, _ = ray.wait(refs, num_returns=1)
+            for ref in ready:
+                pool = self.backend.pool
+                if pool is not None and pool.owns(ref):
+                    result = pool.collect(ref)
+                    if result is not None:
+                        self._on_shard(result)
+                else:
+                    lost = assembler.collect(ref, self.block_bar)
+                    if lost:
+                        self._compute(sorted(set(lost) - self.inflight, key=_shard_order))
+                    else:
+                        self.stats["blocks_computed"] += 1
+                        self.backend._emit("block", backend=self.backend)
+
+    def _on_shard(self, result) -> None:
+        shard, info = result.shard, result.info
+        if self.subset_fp is None:
+            self.subset_fp, self.subset_p = info["subset"], info["p"]
+        if info["subset"] != self.subset_fp:  # S must be identical on every process and machine
+            raise RuntimeError(f"shard {shard} was computed with parameter subset {info['subset']} instead of "
+                               f"{self.subset_fp} (node {info['node_id']}): model or library versions differ")
+        self.inflight.discard(shard)
+        self.assembler.add_shard(shard, result.phi)
+        self._put_embeddings(shard, info["embeddings"])
+        if self.ns is not None:
+            self.ns.save_array(_shard_key(shard), info["embeddings"])
+        self.stats["shards_computed"] += 1
+        self.stats["pids"].add(info["pid"])
+        self.stats["nodes"].add(info["node_id"])
+        # Recorded by the driver: a released actor's last metric updates may never be exported.
+        metrics.record("shards", 1, split=shard.split)
+        metrics.record("examples", shard.size, split=shard.split, worker=info["worker"])
+        metrics.record("examples_per_s", shard.size / max(info["seconds"], 1e-9), worker=info["worker"])
+        self.feature_bar.update(shard.size)
+        self.backend._emit("shard", result=result, backend=self.backend)
+        pool = self.backend.pool
+        if pool is not None and pool.done and not self.inflight:
+            self.features_done = time.perf_counter()
+            self._release_pool()  # their CPUs/GPUs go to block tasks and sweep trials
+
+    def _release_pool(self) -> None:
+        pool = self.backend.pool
+        if pool is not None:
+            self.stats["shard_failures"] += len(pool.failures)
+            pool.release()
+            self.backend.pool = None
+
+    def _put_embeddings(self, shard: Shard, rows: np.ndarray) -> None:
+        target = self.embeddings[shard.split]
+        if target is None:
+            target = self.embeddings[shard.split] = np.empty((len(self.splits[shard.split]), rows.shape[1]),
+                                                             dtype=rows.dtype)
+        target[shard.start:shard.stop] = rows
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+def _driver_fingerprints(factory) -> tuple[str, int, str]:
+    """(S fingerprint, |S|, weights fingerprint), computed on the driver (CPU) so that a fully
+    cached run needs no actor (and no GPU node)."""
+    import torch
+
+    featurizer = factory(torch.device("cpu"))
+    subset, p = featurizer.subset.fingerprint(), featurizer.subset.p
+    del featurizer
+    return subset, p, factory.weights_fingerprint()
+
+
+def _shard_order(shard: Shard) -> tuple:
+    return (shard.split != TRAIN, shard.split, shard.index)
+
+
+def _shard_key(shard: Shard) -> str:
+    return f"shards/{safe_name(shard.split)}/{shard.tag}/embeddings"
+
+
+def _load_shard_embeddings(ns: Namespace | None, shard: Shard) -> np.ndarray | None:
+    if ns is None or not ns.has(_shard_key(shard)):
+        return None
+    return ns.load_array(_shard_key(shard))
+
+
+def _sweep_key(cfg: Config, problem: KernelProblem) -> str:
+    """Hash of the solver settings and of the problem (targets, labels, K's trace and size)."""
+    h = hashlib.sha256(json.dumps(vars(cfg.solver), sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(problem.targets).tobytes())
+    h.update(f"{problem.n};{problem.select_on};{float(np.trace(problem.kernel))!r}".encode())
+    for name in problem.eval_kernels:
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(problem.eval_labels[name]).tobytes())
+        h.update(repr(problem.eval_kernels[name].shape).encode())
+    return h.hexdigest()[:16]

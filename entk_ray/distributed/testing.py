@@ -1,0 +1,132 @@
+"""A tiny model and benchmark for tests, smoke checks and fault injection (no data, no weights).
+
+Why it lives in the package: Ray workers must import whatever a task or actor receives, and test
+modules are not importable from worker processes (nor from other nodes). Everything here is small
+and deterministic: the CNN is seeded without touching the global RNG, and the benchmark is drawn
+from a seeded generator, so a driver and any actor build bitwise-identical copies.
+
+* :func:`tiny_model` — conv → BatchNorm → ReLU → conv(stride 2) → BatchNorm → ReLU → global
+  average pool (D = ``width``·2) with the usual scalar head; BatchNorm running statistics are
+  randomized so eval-mode BatchNorm is not the identity.
+* :class:`TinyFeaturizerFactory` — the ``factory(device) -> featurizer`` contract of
+  :class:`~entk_ray.distributed.RayBackend` for that model.
+* :func:`tiny_benchmark` — a few classes of noisy prototypes (ID) and shifted, noisier copies (OOD).
+* :class:`CrashOnceFactory` — wraps a factory so the process computing one chosen shard exits
+  mid-shard (once per marker file): a real crash for fault-tolerance tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from entk_ray.config import FeatureConfig
+from entk_ray.data.base import Benchmark, TensorLabeledDataset
+from entk_ray.features import make_feature_computer, select_parameters
+from entk_ray.pipeline import Featurizer
+
+
+def tiny_model(seed: int = 0, width: int = 4, head_seed: int = 0) -> nn.Module:
+    """A seeded two-conv CNN with BatchNorm and a scalar head, in eval mode."""
+    from entk_ray.models import ScalarHeadModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        for module in backbone:
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.data.uniform_(0.5, 1.5)
+                module.bias.data.uniform_(-0.1, 0.1)
+    return ScalarHeadModel(backbone, feature_dim=2 * width, head_seed=head_seed).eval()
+
+
+class TinyFeaturizer(Featurizer):
+    """:class:`~entk_ray.pipeline.Featurizer` for :func:`tiny_model` (same ``features``/``embeddings``)."""
+
+    def __init__(self, feature_cfg: FeatureConfig, device="cpu", seed: int = 0, width: int = 4, head_seed: int = 0):
+        self.feature_cfg = feature_cfg
+        self.device = torch.device(device)
+        self.model = tiny_model(seed, width, head_seed).to(self.device).eval()
+        self.subset = select_parameters(self.model, feature_cfg.p, feature_cfg.param_seed,
+                                        include_head=feature_cfg.include_head)
+        self.computer = make_feature_computer(self.model, self.subset, feature_cfg.method, feature_cfg.chunk_size)
+
+
+class TinyFeaturizerFactory:
+    """Picklable ``factory(device) -> TinyFeaturizer``."""
+
+    def __init__(self, feature_cfg: FeatureConfig, seed: int = 0, width: int = 4, head_seed: int = 0):
+        self.feature_cfg = feature_cfg
+        self.seed, self.width, self.head_seed = seed, width, head_seed
+
+    def __call__(self, device="cpu") -> TinyFeaturizer:
+        return TinyFeaturizer(self.feature_cfg, device, self.seed, self.width, self.head_seed)
+
+    def weights_fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name, tensor in tiny_model(self.seed, self.width, 0).backbone.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def tiny_benchmark(n_train: int = 96, n_id_val: int = 48, n_ood: int = 48, num_classes: int = 4,
+                   image_size: int = 12, seed: int = 0) -> Benchmark:
+    """Noisy class prototypes (ID train / ID val) and shifted, noisier prototypes (OOD "shifted")."""
+    rng = np.random.default_rng(seed)
+    prototypes = rng.normal(size=(num_classes, 3, image_size, image_size)).astype(np.float32)
+
+    def split(n: int, noise: float, shift: float) -> TensorLabeledDataset:
+        labels = np.arange(n) % num_classes
+        images = prototypes[labels] + noise * rng.normal(size=(n, 3, image_size, image_size)).astype(np.float32)
+        return TensorLabeledDataset(torch.from_numpy((images + shift).astype(np.float32)), labels)
+
+    train, id_val, ood = split(n_train, 1.0, 0.0), split(n_id_val, 1.0, 0.0), split(n_ood, 1.5, 0.5)
+    manifest = {"benchmark": "tiny", "seed": seed, "sizes": [n_train, n_id_val, n_ood],
+                "num_classes": num_classes, "image_size": image_size}
+    return Benchmark("tiny", [str(c) for c in range(num_classes)], train, id_val, {"shifted": ood}, manifest)
+
+
+class _CrashingFeaturizer:
+    def __init__(self, inner, marker: str, dataset_len: int, start: int, mode: str):
+        self._inner, self._marker, self._len, self._start, self._mode = inner, marker, dataset_len, start, mode
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def features(self, dataset, indices=None, **kwargs):
+        first = next(iter(indices)) if indices is not None else 0
+        if len(dataset) == self._len and first == self._start and not os.path.exists(self._marker):
+            Path(self._marker).write_text(str(os.getpid()))
+            if self._mode == "raise":
+                raise RuntimeError(f"injected failure in the shard starting at row {first}")
+            os._exit(1)  # the actor process dies mid-shard, like a segfault or an OOM kill
+        return self._inner.features(dataset, indices, **kwargs)
+
+
+class CrashOnceFactory:
+    """Wraps a featurizer factory: the first process to compute the shard starting at row
+    ``start`` of the split with ``dataset_len`` rows exits (``mode="exit"``: ``os._exit``) or
+    raises (``mode="raise"``); ``marker`` (a file) records that it happened, so the retry
+    computes the shard normally."""
+
+    def __init__(self, inner, marker: str | os.PathLike, dataset_len: int, start: int, mode: str = "exit"):
+        if mode not in ("exit", "raise"):
+            raise ValueError(f"mode must be 'exit' or 'raise', got {mode!r}")
+        self.inner, self.marker, self.dataset_len, self.start, self.mode = inner, str(marker), dataset_len, start, mode
+
+    def __call__(self, device="cpu"):
+        return _CrashingFeaturizer(self.inner(device), self.marker, self.dataset_len, self.start, self.mode)
+
+    def weights_fingerprint(self) -> str:
+        return self.inner.weights_fingerprint()
