@@ -70,7 +70,7 @@ def build_parser(description: str, extra: dict | None = None) -> argparse.Argume
         parser.add_argument(flag, type=kind, default=None, help=f"{text} [{path}]")
     ray = parser.add_mutually_exclusive_group()
     ray.add_argument("--ray", dest="use_ray", action="store_true", default=None,
-                     help="run features, kernels and the sweep on Ray (local Ray unless --address)")
+                     help="run features, kernels and the sweep on Ray (the default; local Ray unless --address)")
     ray.add_argument("--no-ray", dest="use_ray", action="store_false",
                      help="run everything in this process, without Ray")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -147,12 +147,12 @@ def living17_config() -> Config:
     """Living-17 defaults: ResNet-50, p = 500,000, every image, 224 px, results/living17."""
     return Config().with_overrides([
         "model.name=resnet50", "data.benchmark=living17", "data.n_train=null", "data.n_id_val=null",
-        "data.n_ood=null", "features.batch_size=64", "store.out_dir=results/living17"])
+        "data.n_ood=null", "features.batch_size=64", "store.out_dir=results/living17", "use_ray=true"])
 
 
 def demo_config() -> Config:
-    """The quick-start's embedded default: sized to finish in minutes on 2 CPU cores."""
-    return Config()
+    """The quick-start's embedded default: local Ray, sized to finish in minutes on 2 CPU cores."""
+    return Config(use_ray=True)
 
 
 if __name__ == "__main__":
