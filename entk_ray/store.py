@@ -66,7 +66,7 @@ class ArtifactStore:
         self._fs = None
 
     @classmethod
-    def from_config(cls, cfg) -> "ArtifactStore":
+    def from_config(cls, cfg) -> ArtifactStore:
         """The store named by ``cfg.store`` (``artifact_store`` or ``<out_dir>/artifacts``)."""
         return cls(default_store_uri(cfg.store.out_dir, cfg.store.artifact_store), cfg.store.storage_options)
 
@@ -92,7 +92,7 @@ class ArtifactStore:
         self.fs  # noqa: B018 - resolves _root
         return self._root
 
-    def namespace(self, fingerprint: str, parts: dict[str, Any] | None = None) -> "Namespace":
+    def namespace(self, fingerprint: str, parts: dict[str, Any] | None = None) -> Namespace:
         """The artifacts of one fingerprint. ``parts`` (what was hashed) is recorded once, for humans."""
         if not fingerprint or "/" in fingerprint or fingerprint.startswith("."):
             raise ValueError(f"fingerprint must be a plain non-empty name, got {fingerprint!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import jsonschema
 import pytest
 import ray
 import yaml
@@ -27,7 +28,7 @@ def test_validates_with_rays_schema(raw):
 def test_validation_is_not_vacuous(raw):
     broken = copy.deepcopy(raw)
     broken["available_node_types"]["gpu_g5_12xlarge"]["min_workerz"] = 1
-    with pytest.raises(Exception):
+    with pytest.raises(jsonschema.ValidationError, match="min_workerz"):
         validate_config(prepare_config(broken))
 
 

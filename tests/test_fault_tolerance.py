@@ -19,7 +19,11 @@ from entk_ray import kernels as kern
 from entk_ray.config import Config
 from entk_ray.distributed import RayBackend
 from entk_ray.distributed.blocks import TRAIN
-from entk_ray.distributed.testing import CrashOnceFactory, TinyFeaturizerFactory, tiny_benchmark
+from entk_ray.distributed.testing import (
+    CrashOnceFactory,
+    TinyFeaturizerFactory,
+    tiny_benchmark,
+)
 
 N_TRAIN, N_VAL, N_OOD, SHARD = 96, 32, 32, 32
 

@@ -6,9 +6,15 @@ import pickle
 
 import numpy as np
 import pytest
-
-from entk_ray.store import ArtifactError, ArtifactStore, default_store_uri, load_kernels, save_kernels
 from s3_server import MotoS3Server
+
+from entk_ray.store import (
+    ArtifactError,
+    ArtifactStore,
+    default_store_uri,
+    load_kernels,
+    save_kernels,
+)
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,13 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import ray
 import torch
-
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +201,10 @@ class FeaturePool:
         self._unavailable: dict[Shard, int] = {}
         self.failures: list[tuple[Shard, str]] = []  # every failed attempt, for reports and tests
         self.actors: dict[int, Any] = {}
-        self._options = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
-                             max_task_retries=max_task_retries, max_concurrency=1)
+        self._options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": max_restarts,
+                         "max_task_retries": max_task_retries, "max_concurrency": 1}
         self._datasets = datasets  # split -> ObjectRef, passed along with every shard call
-        self._args = (factory, device, max(1, int(round(num_cpus))))  # torch threads per actor
+        self._args = (factory, device, max(1, round(num_cpus)))  # torch threads per actor
         self._run_id = run_id
         self._created = 0
         self.num_workers = num_workers
@@ -262,8 +262,8 @@ class FeaturePool:
         for actor in self.actors.values():
             try:
                 ray.kill(actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - already dead
-                pass
+            except Exception as exc:  # noqa: BLE001 - already dead or unreachable: nothing to free
+                log.debug("could not kill feature actor: %s", exc)
         self.actors.clear()
 
     # -------------------------------------------------------------- internals

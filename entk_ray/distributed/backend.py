@@ -18,7 +18,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, Self
 
 import numpy as np
 import ray
@@ -29,11 +30,22 @@ from entk_ray.data.base import Benchmark
 from entk_ray.distributed import metrics
 from entk_ray.distributed.actors import ConfigFeaturizerFactory, FeaturePool, Shard
 from entk_ray.distributed.blocks import TRAIN, KernelAssembler
-from entk_ray.distributed.runtime import cluster_cpus, cluster_gpus, init_ray, shutdown_ray
+from entk_ray.distributed.runtime import (
+    cluster_cpus,
+    cluster_gpus,
+    init_ray,
+    shutdown_ray,
+)
 from entk_ray.distributed.sweep import run_from_dict, run_to_dict, tune_sweep
 from entk_ray.pipeline import Backend, KernelSet, run_fingerprint
 from entk_ray.solvers import KernelProblem, SolverRun
-from entk_ray.store import ArtifactStore, Namespace, load_kernels, safe_name, save_kernels
+from entk_ray.store import (
+    ArtifactStore,
+    Namespace,
+    load_kernels,
+    safe_name,
+    save_kernels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +98,7 @@ class RayBackend(Backend):
         shutdown_ray(self._started)
         self._started = False
 
-    def __enter__(self) -> "RayBackend":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -219,7 +231,7 @@ class _KernelStage:
         """Shards that a missing block reads, or whose embeddings are not stored."""
         needed = self.assembler.needed_shards()
         todo = []
-        for name, rows in shards.items():
+        for rows in shards.values():
             for shard in rows:
                 emb = _load_shard_embeddings(self.ns, shard)
                 if emb is not None:

@@ -53,37 +53,16 @@ class Block:
         return f"{self.kernel}[{self.a.start}:{self.a.stop}, {self.b.start}:{self.b.stop}]"
 
 
-#: The last row shard this worker process upcast, as (object id, dtype, device, tensor). Blocks
-#: are launched row by row (K_i0, K_i1, …), so consecutive tasks in one worker usually share their
-#: first shard: keeping its compute-dtype copy saves one of the two float32 → float64 conversions
-#: (memory-bound, as costly as a big part of the GEMM on CPUs). At most one shard is kept, which
-#: is the copy the previous task held anyway. The values are exactly what ``gram_block``'s own
-#: ``.to(compute_dtype)`` would produce (upcasting is exact), so the result is bitwise the same.
-_ROW_CACHE: list = []
-
-
-def _upcast(ref_id: str | None, array: np.ndarray, storage_dtype: str, compute_dtype: str, device) -> "torch.Tensor":
-    import torch
-
-    if _ROW_CACHE and ref_id is not None and _ROW_CACHE[0][:3] == (ref_id, compute_dtype, str(device)):
-        return _ROW_CACHE[0][3]
-    tensor = phi_from_wire(array, storage_dtype).to(device).to(kern.COMPUTE_DTYPES[compute_dtype])
-    if ref_id is not None:
-        _ROW_CACHE[:] = [(ref_id, compute_dtype, str(device), tensor)]
-    return tensor
-
-
 def gram_block_task(phi_a: np.ndarray, phi_b: np.ndarray, storage_dtype: str, compute_dtype: str = "float64",
-                    store_namespace=None, key: str | None = None, on_gpu: bool = False,
-                    row_id: str | None = None) -> np.ndarray:
-    """Body of the block task: ``kernels.gram_block`` on two shards (on the GPU if assigned one),
-    optionally saved to the artifact store before it is returned. ``row_id`` (the object id of
-    ``phi_a``) lets consecutive blocks of one row reuse its upcast copy (see ``_ROW_CACHE``)."""
+                    store_namespace=None, key: str | None = None, on_gpu: bool = False) -> np.ndarray:
+    """Body of the block task: ``kernels.gram_block`` on two shards (on the GPU if Ray assigned
+    one), optionally saved to the artifact store before it is returned."""
     import torch
 
-    device = torch.device("cuda") if on_gpu and ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
-    a = _upcast(row_id, phi_a, storage_dtype, compute_dtype, device)
-    b = phi_from_wire(phi_b, storage_dtype).to(device)
+    a = phi_from_wire(phi_a, storage_dtype)
+    b = phi_from_wire(phi_b, storage_dtype)
+    if on_gpu and ray.get_gpu_ids() and torch.cuda.is_available():
+        a, b = a.to("cuda"), b.to("cuda")
     block = kern.gram_block(a, b, compute_dtype)
     if store_namespace is not None and key is not None:
         store_namespace.save_array(key, block, meta={"compute_dtype": compute_dtype, "storage_dtype": storage_dtype})
@@ -183,10 +162,9 @@ class KernelAssembler:
 
     def _start(self, block: Block) -> None:
         resources = {"num_gpus": self.block_gpus, "num_cpus": 0 if self.block_gpus > 0 else 1}
-        row = self._phi[block.a]
         ref = kernel_block.options(name=f"kernel block {block}", **resources).remote(
-            row, self._phi[block.b], self.storage_dtype, self.compute_dtype,
-            self.namespace, block.key if self.namespace is not None else None, self.block_gpus > 0, row.hex())
+            self._phi[block.a], self._phi[block.b], self.storage_dtype, self.compute_dtype,
+            self.namespace, block.key if self.namespace is not None else None, self.block_gpus > 0)
         self._running[ref] = block
 
     def collect(self, ref: ray.ObjectRef, progress=None) -> list[Shard]:
@@ -200,7 +178,7 @@ class KernelAssembler:
         block = self._running.pop(ref)
         try:
             value = ray.get(ref)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if not _is_lost_object(exc):
                 raise RuntimeError(f"kernel block {block} failed: {exc}") from exc
             self._attempts[block] = self._attempts.get(block, 0) + 1

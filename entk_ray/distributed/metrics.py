@@ -51,5 +51,5 @@ def record(name: str, value: float = 1.0, **tags: str) -> None:
                 metric.inc(value, tags=tags)
         else:
             metric.set(value, tags=tags)
-    except Exception as exc:  # metrics must never break a run
+    except Exception as exc:  # noqa: BLE001 - metrics must never break a run
         log.debug("metric %s not recorded: %s", name, exc)

@@ -25,15 +25,21 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from entk_ray.distributed import metrics
-from entk_ray.solvers import (KernelProblem, SolverRun, SpectralSolver, extreme_eigenvalues, nag_solve,
-                              telescopic_search)
+from entk_ray.solvers import (
+    KernelProblem,
+    SolverRun,
+    SpectralSolver,
+    extreme_eigenvalues,
+    nag_solve,
+    telescopic_search,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +56,7 @@ class SolverSettings:
     method: str
 
     @classmethod
-    def from_config(cls, solver_cfg) -> "SolverSettings":
+    def from_config(cls, solver_cfg) -> SolverSettings:
         return cls(solver_cfg.max_steps, solver_cfg.eval_every, solver_cfg.tol, solver_cfg.momentum,
                    solver_cfg.method)
 
@@ -85,7 +91,8 @@ class _TraceOnlyProblem:
 class SpectralPieces(SpectralSolver):
     """A :class:`SpectralSolver` without K and U: what a sweep trial needs to run ``path``."""
 
-    def __init__(self, solver: SpectralSolver):  # noqa: D107 - deliberately skips the eigh
+    def __init__(self, solver: SpectralSolver):
+        # Deliberately no super().__init__(): that would redo the eigh. Copy its results instead.
         problem = solver.problem
         self.problem = _TraceOnlyProblem(float(np.trace(problem.kernel)), problem.n, dict(problem.eval_labels))
         self.eigenvalues = solver.eigenvalues
