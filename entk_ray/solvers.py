@@ -295,6 +295,10 @@ class SpectralSolver:
 
     def __init__(self, problem: KernelProblem):
         self.problem = problem
+        # What a path needs of K besides its spectrum: β = r · tr(K)/n, and the labels it scores.
+        self.trace = float(np.trace(problem.kernel))
+        self.n = problem.n
+        self.eval_labels = dict(problem.eval_labels)
         lam, u = symmetric_eigh(problem.kernel)
         self.eigenvalues = lam
         self.eigenvectors = u
@@ -308,7 +312,7 @@ class SpectralSolver:
     def coefficients(self, r: float, max_steps: int, eval_every: int, tol: float,
                      momentum: str = "strongly_convex"):
         """Run the scalar recurrence; returns (β, recorded steps, a at those steps, norms, converged)."""
-        beta = beta_from_r(self.problem.kernel, r)
+        beta = float(r) * self.trace / self.n  # bitwise beta_from_r(K, r)
         lam = self.eigenvalues
         eta = 1.0 / (self.lam_max + beta)
         mus = momentum_schedule(momentum, max_steps, momentum_coefficient(self.lam_max, self.lam_min, beta))
@@ -341,7 +345,7 @@ class SpectralSolver:
         weights = (coefs.T[:, :, None] * self.c[:, None, :]).reshape(self.c.shape[0], n_steps * n_classes)
         for name, proj in self.projected.items():
             scores = (proj @ weights).reshape(proj.shape[0], n_steps, n_classes)
-            acc[name] = np.mean(np.argmax(scores, axis=-1) == self.problem.eval_labels[name][:, None], axis=0)
+            acc[name] = np.mean(np.argmax(scores, axis=-1) == self.eval_labels[name][:, None], axis=0)
         return SolverRun(r=float(r), beta=beta, steps=steps, accuracy=acc, grad_norm=norms,
                          converged=converged, final_step=int(steps[-1]), method="spectral")
 

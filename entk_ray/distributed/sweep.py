@@ -26,7 +26,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,40 +61,13 @@ class SolverSettings:
                    solver_cfg.method)
 
 
-@dataclass
-class _TraceOnlyProblem:
-    """Stands in for the KernelProblem inside a :class:`SpectralPieces` solver.
-
-    :meth:`SpectralSolver.path` reads only ``problem.eval_labels`` and, through
-    ``beta_from_r(problem.kernel, r) = r · trace(K) / n``, the trace and order of K. ``kernel`` is
-    therefore an O(1)-memory (n, n) strided view whose diagonal is (trace(K), 0, …, 0): its
-    ``np.trace`` is exactly the driver's float, so β is bitwise the local β.
-    """
-
-    trace: float
-    n: int
-    eval_labels: dict[str, np.ndarray]
-    _base: np.ndarray | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def kernel(self) -> np.ndarray:
-        if self._base is None:
-            self._base = np.zeros(self.n, dtype=np.float64)
-            self._base[0] = self.trace
-        return np.lib.stride_tricks.as_strided(self._base, shape=(self.n, self.n),
-                                               strides=(self._base.strides[0], 0), writeable=False)
-
-    def __getstate__(self):
-        return {"trace": self.trace, "n": self.n, "eval_labels": self.eval_labels, "_base": None}
-
-
 class SpectralPieces(SpectralSolver):
     """A :class:`SpectralSolver` without K and U: what a sweep trial needs to run ``path``."""
 
     def __init__(self, solver: SpectralSolver):
         # Deliberately no super().__init__(): that would redo the eigh. Copy its results instead.
-        problem = solver.problem
-        self.problem = _TraceOnlyProblem(float(np.trace(problem.kernel)), problem.n, dict(problem.eval_labels))
+        self.problem = None  # K stays on the driver
+        self.trace, self.n, self.eval_labels = solver.trace, solver.n, solver.eval_labels
         self.eigenvalues = solver.eigenvalues
         self.eigenvectors = None  # not shipped: trials never form α
         self.lam_max, self.lam_min = solver.lam_max, solver.lam_min
