@@ -54,9 +54,17 @@ def train_block_pairs(num_shards: int) -> list[tuple[int, int]]:
 
 def place_block(kernel: np.ndarray, block: np.ndarray, rows: tuple[int, int], cols: tuple[int, int],
                 symmetric: bool = False) -> None:
-    """Write a block into a preallocated kernel (and its mirror image when ``symmetric``)."""
+    """Write a block into a preallocated kernel (and its mirror image when ``symmetric``).
+
+    A diagonal block of a symmetric kernel keeps its upper triangle and mirrors it: a BLAS
+    product Φ_i Φ_iᵀ need not be bitwise symmetric (the order of its sums depends on the CPU and
+    the thread count), while K is symmetric by construction this way."""
+    if symmetric and rows == cols:
+        upper = np.triu(block)
+        kernel[rows[0]:rows[1], cols[0]:cols[1]] = upper + np.triu(block, 1).T
+        return
     kernel[rows[0]:rows[1], cols[0]:cols[1]] = block
-    if symmetric and rows != cols:
+    if symmetric:
         kernel[cols[0]:cols[1], rows[0]:rows[1]] = block.T
 
 

