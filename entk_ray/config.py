@@ -16,7 +16,7 @@ import yaml
 
 MODELS = ("efficientnet_lite0", "resnet18", "resnet50")
 CHECKPOINT_FORMATS = ("auto", "torchvision", "moco", "timm")
-FEATURE_METHODS = ("auto", "hooks", "func")
+FEATURE_METHODS = ("auto", "sampled", "hooks", "func")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 BENCHMARKS = ("digits", "living17", "entity13", "entity30", "nonliving26", "image_folder")
 SOLVER_METHODS = ("spectral", "nag")
@@ -48,7 +48,7 @@ class FeatureConfig:
     p: int = 500_000
     param_seed: int = 0
     include_head: bool = False
-    method: str = "auto"  # hooks: per-layer batch gradients; func: torch.func vmap(grad)
+    method: str = "auto"  # auto/sampled: only S's coordinates; hooks: per-layer gradients; func: vmap(grad)
     batch_size: int = 32
     chunk_size: int = 8  # examples per vmap call: bounds memory at chunk × #params floats
     storage_dtype: str = "float32"
