@@ -925,36 +925,219 @@ def make_feature_computer(model: nn.Module, subset: ParameterSubset, method: str
 # --------------------------------------------------------------------------------------------
 # Over datasets
 # --------------------------------------------------------------------------------------------
-def iterate_batches(dataset, indices: Iterable[int] | None = None, batch_size: int = 32,
-                    num_workers: int = 0) -> Iterator[torch.Tensor]:
-    """Images of ``dataset`` (optionally a subset, in the given order) in batches."""
-    from torch.utils.data import DataLoader, Subset
+class _RowBatches:
+    """Batch sampler over a row list that can be re-pointed between passes (it runs in the main
+    process, so persistent DataLoader workers keep serving new rows)."""
 
-    if indices is not None:
-        dataset = Subset(dataset, list(indices))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        persistent_workers=False)
+    def __init__(self, batch_size: int):
+        self.batch_size = int(batch_size)
+        self.rows: list[int] = []
+
+    def __iter__(self):
+        for s in range(0, len(self.rows), self.batch_size):
+            yield self.rows[s:s + self.batch_size]
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+
+# (id(dataset), batch_size, num_workers, pin_memory) -> (dataset, loader, sampler); a few at most.
+_LOADERS: dict[tuple, tuple] = {}
+_MAX_LOADERS = 4
+
+
+def iterate_batches(dataset, indices: Iterable[int] | None = None, batch_size: int = 32,
+                    num_workers: int = 0, pin_memory: bool = False) -> Iterator[torch.Tensor]:
+    """Images of ``dataset`` (optionally the rows ``indices``, in that order) in batches.
+
+    ``num_workers > 0`` decodes in that many DataLoader worker processes, kept alive across calls
+    for the same dataset (``persistent_workers``; the loader is cached and its sampler re-pointed
+    at the new rows), so computing shard after shard does not respawn workers. ``pin_memory``:
+    batches arrive in page-locked memory, ready for non-blocking host→GPU copies (CUDA only).
+    """
+    from torch.utils.data import DataLoader
+
+    rows = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    pin_memory = bool(pin_memory) and torch.cuda.is_available()
+    if num_workers > 0:
+        key = (id(dataset), int(batch_size), int(num_workers), pin_memory)
+        if key not in _LOADERS:
+            while len(_LOADERS) >= _MAX_LOADERS:
+                _LOADERS.pop(next(iter(_LOADERS)))  # its workers stop with the loader
+            sampler = _RowBatches(batch_size)
+            loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                                persistent_workers=True)
+            _LOADERS[key] = (dataset, loader, sampler)
+        _, loader, sampler = _LOADERS[key]
+    else:
+        sampler = _RowBatches(batch_size)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=0, pin_memory=pin_memory)
+    sampler.rows = rows
     for images, _ in loader:
         yield images
 
 
+class _HostStager:
+    """Moves Φ batches from the device into host ``out`` (rows × p, storage dtype).
+
+    CUDA: each batch is cast to the storage dtype on the GPU and copied, on a side stream and
+    non-blocking, into one of two pinned host buffers; the host copies a buffer into ``out`` only
+    when the buffer comes round again (or at :meth:`finish`), so the copy of batch t overlaps the
+    computation of batch t+1. CPU (``staged=False``): a plain copy into ``out``.
+    """
+
+    def __init__(self, out: torch.Tensor, device: torch.device, batch_size: int, staged: bool | None = None,
+                 cache: dict | None = None):
+        self.out = out
+        self.device = device
+        self.staged = (device.type == "cuda") if staged is None else bool(staged)
+        self.pending: list = [None, None]
+        self.count = 0
+        if not self.staged:
+            return
+        cuda = device.type == "cuda"
+        shape = (int(batch_size), out.shape[1])
+        key = (shape, out.dtype, str(device))
+        cache = {} if cache is None else cache
+        if key not in cache:  # pinning is slow: keep the buffers with the feature computer
+            cache.clear()
+            cache[key] = [torch.empty(shape, dtype=out.dtype, pin_memory=cuda) for _ in range(2)]
+        self.buffers = cache[key]
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.events = [torch.cuda.Event() if cuda else None for _ in range(2)]
+
+    def put(self, phi: torch.Tensor, row: int) -> None:
+        n = phi.shape[0]
+        if not self.staged:
+            self.out[row:row + n] = phi.to("cpu", self.out.dtype)
+            return
+        slot = self.count % 2
+        self._drain(slot)
+        phi = phi.to(self.out.dtype)
+        target = self.buffers[slot][:n]
+        if self.stream is None:
+            target.copy_(phi)
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                target.copy_(phi, non_blocking=True)
+                self.events[slot].record(self.stream)
+            phi.record_stream(self.stream)  # keep phi's memory until the copy has run
+        self.pending[slot] = (row, n)
+        self.count += 1
+
+    def _drain(self, slot: int) -> None:
+        if self.pending[slot] is None:
+            return
+        row, n = self.pending[slot]
+        if self.events[slot] is not None:
+            self.events[slot].synchronize()
+        self.out[row:row + n] = self.buffers[slot][:n]
+        self.pending[slot] = None
+
+    def finish(self) -> torch.Tensor:
+        for k in range(2):  # oldest first
+            self._drain((self.count + k) % 2)
+        return self.out
+
+
+def storage_kernel_error(phi: torch.Tensor, storage_dtype: str) -> float:
+    """Relative error of a kernel block from Φ stored in ``storage_dtype``:
+    ‖Φ̃Φ̃ᵀ − ΦΦᵀ‖_F / ‖ΦΦᵀ‖_F with Φ̃ = Φ rounded to the storage dtype, both products in float64
+    (on Φ's device). 0 for float32 storage; pass a sample of float32 Φ, e.g. the first batch."""
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}; got {storage_dtype!r}")
+    exact = phi.detach().to(torch.float64)
+    rounded = phi.detach().to(STORAGE_DTYPES[storage_dtype]).to(torch.float64)
+    k_exact = exact @ exact.T
+    norm = torch.linalg.matrix_norm(k_exact).item()
+    if norm == 0.0:
+        return 0.0
+    return torch.linalg.matrix_norm(rounded @ rounded.T - k_exact).item() / norm
+
+
 def compute_features(computer: FeatureComputer, dataset, indices: Iterable[int] | None = None,
                      batch_size: int = 32, storage_dtype: str = "float32", num_workers: int = 0,
-                     progress: bool = False, desc: str = "features") -> torch.Tensor:
-    """Φ for (a shard of) a dataset, on the CPU, in ``storage_dtype`` (computed in float32)."""
+                     progress: bool = False, desc: str = "features", stats: dict | None = None) -> torch.Tensor:
+    """Φ for (a shard of) a dataset, on the CPU, in ``storage_dtype`` (computed in float32).
+
+    On CUDA, decoded batches arrive pinned (:func:`iterate_batches`) and Φ leaves the GPU through
+    double-buffered pinned copies (:class:`_HostStager`), so neither transfer stalls the GPU; on
+    the CPU, float32 Φ is written straight into its rows of the result. ``stats``, when given, is
+    filled with ``examples``, ``seconds``, ``examples_per_s`` and ``storage_kernel_rel_error``
+    (:func:`storage_kernel_error` on the first batch; 0.0 for float32 storage).
+    """
     from tqdm.auto import tqdm
 
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}; got {storage_dtype!r}")
+    start = time.perf_counter()
     dtype = STORAGE_DTYPES[storage_dtype]
-    total = len(indices) if indices is not None and hasattr(indices, "__len__") else len(dataset)
-    out = torch.empty((total, computer.subset.p), dtype=dtype)
+    rows = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    out = torch.empty((len(rows), computer.subset.p), dtype=dtype)
+    device = computer.device
+    direct = device.type == "cpu" and dtype == torch.float32
+    stager = _HostStager(out, device, batch_size, cache=computer.__dict__.setdefault("_staging_buffers", {}))
     row = 0
-    with tqdm(total=total, desc=desc, unit="ex", disable=not progress, leave=False) as bar:
-        for images in iterate_batches(dataset, indices, batch_size, num_workers):
-            phi = computer(images)
-            out[row:row + phi.shape[0]] = phi.to("cpu", dtype)
-            row += phi.shape[0]
-            bar.update(phi.shape[0])
+    error = 0.0
+    with tqdm(total=len(rows), desc=desc, unit="ex", disable=not progress, leave=False) as bar:
+        for images in iterate_batches(dataset, rows, batch_size, num_workers, pin_memory=device.type == "cuda"):
+            n = images.shape[0]
+            if direct:
+                computer(images, out=out[row:row + n])
+            else:
+                phi = computer(images)
+                if row == 0 and dtype != torch.float32:
+                    error = storage_kernel_error(phi, storage_dtype)
+                stager.put(phi, row)
+            row += n
+            bar.update(n)
+    stager.finish()
+    if stats is not None:
+        seconds = time.perf_counter() - start
+        stats.update(examples=len(rows), seconds=seconds, examples_per_s=len(rows) / max(seconds, 1e-12),
+                     storage_kernel_rel_error=error)
     return out
+
+
+def peak_memory_bytes(fn, device: torch.device | str = "cpu") -> int | None:
+    """Peak memory ``fn()`` adds on ``device``, in bytes, or None where it cannot be measured.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the call. CPU
+    (Linux): growth of the process's peak resident set (VmHWM) over its resident set before the
+    call, after handing freed heap pages back (glibc ``malloc_trim``) and resetting the peak
+    through ``/proc/self/clear_refs``. It counts every page the call touches, torch's or not.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+
+    def status_kib(field_name: str) -> int:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+        raise OSError(f"{field_name} missing from /proc/self/status")
+
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap pages, so reuse is not mistaken for no use
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM to the current resident set
+        base = status_kib("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return max(0, status_kib("VmHWM") - base) * 1024
 
 
 @torch.no_grad()
