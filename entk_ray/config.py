@@ -52,6 +52,9 @@ class FeatureConfig:
     storage_dtype: str = "float32"
     device: str = "auto"  # auto: cuda when available, else cpu
     num_workers: int = 0  # DataLoader workers for decoding images
+    # CUDA only: TF32 (10-bit mantissa products, float32 sums) for the feature computation's
+    # matmuls and convolutions. Off by default; measure its effect on K before turning it on.
+    tf32: bool = False
 
 
 @dataclass
@@ -202,6 +205,8 @@ class Config:
         _choice("features.storage_dtype", f.storage_dtype, STORAGE_DTYPES)
         _choice("features.device", f.device.split(":")[0], ("auto", "cpu", "cuda"))
         _int("features.num_workers", f.num_workers, minimum=0, what="a non-negative integer")
+        if not isinstance(f.tf32, bool):
+            raise ConfigError(f"features.tf32 must be true or false, got {f.tf32!r}")
 
         _choice("data.benchmark", d.benchmark, BENCHMARKS)
         _int("data.seed", d.seed)

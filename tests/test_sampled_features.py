@@ -315,3 +315,15 @@ def test_compute_features_with_persistent_workers_and_stats():
     torch.testing.assert_close(second.float(), direct[6:], rtol=1e-2, atol=1e-4)
     assert stats["storage_kernel_rel_error"] == pytest.approx(storage_kernel_error(direct[6:8], "bfloat16"), rel=1e-3)
     assert 0 < stats["storage_kernel_rel_error"] < 1e-2
+
+
+def test_config_accepts_the_new_method_and_validates_tf32():
+    from entk_ray.config import Config, ConfigError
+
+    cfg = Config().with_overrides(["features.method=sampled", "features.tf32=true"]).validate(check_paths=False)
+    assert cfg.features.method == "sampled" and cfg.features.tf32 is True
+    assert Config().features.tf32 is False and Config().features.method == "auto"
+    with pytest.raises(ConfigError, match="features.tf32 must be true or false, got 'maybe'"):
+        Config().with_overrides(["features.tf32=maybe"]).validate(check_paths=False)
+    with pytest.raises(ConfigError, match="features.method must be one of auto, sampled, hooks, func"):
+        Config().with_overrides(["features.method=fast"]).validate(check_paths=False)
