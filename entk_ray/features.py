@@ -504,9 +504,10 @@ class SampledFeatureComputer(HookFeatureComputer):
                 if any(n != 1 for n in calls.values()):
                     raise RuntimeError("a hooked layer ran more or less than once in one forward; "
                                        "use method='func' for this model")
-                # inputs=edges: the backward stops at the layer outputs and skips every
-                # parameter gradient; δ reaches the hooks above on its way.
-                torch.autograd.grad(y.sum(), inputs=edges, allow_unused=True)
+                # inputs=edges: the backward runs down to the layer outputs and skips every
+                # parameter gradient; δ reaches the hooks above on its way and is dropped after
+                # (backward, unlike autograd.grad, keeps none of them to return).
+                torch.autograd.backward(y.sum(), inputs=edges)
         finally:
             for h in handles:
                 h.remove()
