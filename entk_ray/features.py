@@ -8,7 +8,7 @@ the gradient with respect to a fixed subset S of p parameter coordinates. The mo
 mode, so BatchNorm uses running statistics and φ(x) depends on x alone: features computed in any
 batch, shard, process or machine agree.
 
-Two stages live here:
+Three pieces live here:
 
 * :class:`ParameterSubset` — S, drawn once from (parameter names + shapes, p, seed) with a stable
   hash, so every shard and every evaluation set uses the same coordinates.
@@ -33,8 +33,11 @@ Two stages live here:
     ∂(Σ_b f(x_b))/∂h_b = ∂f(x_b)/∂h_b for every activation h, so one backward gives every
     example's output gradients. Cost ≈ one forward + backward of the batch.
 
-All return float32 (optionally stored as float16/bfloat16) and agree to round-off (tested).
-See docs/features.md for their cost and memory.
+All return float32 and agree to round-off (tested). See docs/features.md for their cost and memory.
+
+* :func:`compute_features` — Φ of (rows of) a dataset on the host, optionally stored as
+  float16/bfloat16: decoding in persistent DataLoader workers, and on CUDA pinned batches in and
+  double-buffered pinned copies out, so transfers overlap the computation.
 """
 from __future__ import annotations
 
@@ -43,7 +46,6 @@ import contextlib
 import functools
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -805,7 +807,7 @@ def _triton_conv_kernel():
         d_rows = d_ptr + (b * out_channels + o.to(tl.int64)) * length
         h0 = ki * dil_h - pad_top
         w0 = kj * dil_w - pad_left
-        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)  # reduced over l once, at the end
         for l0 in range(0, length, BLOCK_L):
             ls = l0 + tl.arange(0, BLOCK_L)
             lmask = ls < length
@@ -817,8 +819,8 @@ def _triton_conv_kernel():
             inside = valid & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
             xv = tl.load(x_rows[:, None] + ih * width + iw, mask=inside, other=0.0)
             dv = tl.load(d_rows[:, None] + ls[None, :], mask=valid, other=0.0)
-            acc += tl.sum(xv.to(tl.float32) * dv.to(tl.float32), axis=1)
-        tl.store(out_ptr + b * out_row + col0 + ks, acc, mask=kmask)
+            acc += xv.to(tl.float32) * dv.to(tl.float32)
+        tl.store(out_ptr + b * out_row + col0 + ks, tl.sum(acc, axis=1), mask=kmask)
 
     return sampled_conv_weight
 
@@ -933,6 +935,7 @@ class _RowBatches:
     def __init__(self, batch_size: int):
         self.batch_size = int(batch_size)
         self.rows: list[int] = []
+        self.busy = False  # a pass over the loader is under way
 
     def __iter__(self):
         for s in range(0, len(self.rows), self.batch_size):
@@ -960,8 +963,8 @@ def iterate_batches(dataset, indices: Iterable[int] | None = None, batch_size: i
 
     rows = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     pin_memory = bool(pin_memory) and torch.cuda.is_available()
-    if num_workers > 0:
-        key = (id(dataset), int(batch_size), int(num_workers), pin_memory)
+    key = (id(dataset), int(batch_size), int(num_workers), pin_memory)
+    if num_workers > 0 and not (key in _LOADERS and _LOADERS[key][2].busy):
         if key not in _LOADERS:
             while len(_LOADERS) >= _MAX_LOADERS:
                 _LOADERS.pop(next(iter(_LOADERS)))  # its workers stop with the loader
@@ -970,12 +973,16 @@ def iterate_batches(dataset, indices: Iterable[int] | None = None, batch_size: i
                                 persistent_workers=True)
             _LOADERS[key] = (dataset, loader, sampler)
         _, loader, sampler = _LOADERS[key]
-    else:
+    else:  # no workers, or the cached loader is in the middle of another pass: a loader for this pass
         sampler = _RowBatches(batch_size)
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=0, pin_memory=pin_memory)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory)
     sampler.rows = rows
-    for images, _ in loader:
-        yield images
+    sampler.busy = True
+    try:
+        for images, _ in loader:
+            yield images
+    finally:
+        sampler.busy = False
 
 
 class _HostStager:

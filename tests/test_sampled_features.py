@@ -174,15 +174,35 @@ def test_subset_draw_and_fingerprint_are_unchanged():
 
 TRITON_SCRIPT = """
 import sys, torch
+from torch import nn
 sys.path.insert(0, {tests!r})
+from timm.layers import Conv2dSame
 from test_sampled_features import every_conv_model, relative_error
-from entk_ray.features import SampledFeatureComputer, select_parameters
+from entk_ray.features import SampledFeatureComputer, select_parameters, _conv2d_weight_grads, _ConvPlan, _Block
+g = torch.Generator().manual_seed(2)
+worst = 0.0
+# The kernel alone against the hooks formula, every coordinate of each layer: several blocks of
+# coordinates and of positions (L > 128), padding, stride, dilation, groups, asymmetric 'same'.
+for conv, size in [(nn.Conv2d(6, 8, 3, padding=1, groups=2), 13), (nn.Conv2d(4, 4, 3, stride=2, dilation=2, padding=3), 17),
+                   (Conv2dSame(4, 6, 3, stride=2), 24), (nn.Conv2d(5, 7, 1), 12)]:
+    x = torch.randn(2, conv.in_channels, size, size, generator=g)
+    delta = torch.randn(conv(x).shape, generator=g)
+    index = torch.arange(conv.weight.numel())
+    plan = _ConvPlan(conv, dict(weight=_Block(3, index)))
+    out = torch.full((2, index.numel() + 5), float("nan"))
+    top, left = plan.padding(size, size)
+    from entk_ray.features import _conv_weight_triton
+    _conv_weight_triton(x, delta, plan.on(torch.device("cpu"))["coords32"], conv, top, left, out, 3)
+    expected = _conv2d_weight_grads(conv, x, delta).reshape(2, -1)
+    assert torch.isnan(out[:, :3]).all() and torch.isnan(out[:, -2:]).all()
+    worst = max(worst, relative_error(out[:, 3:3 + index.numel()], expected))
+# The whole computer on a model, fused against eager.
 model = every_conv_model()
 subset = select_parameters(model, 200, seed=5)
-x = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(2))
+x = torch.randn(2, 3, 10, 10, generator=g)
 fused = SampledFeatureComputer(model, subset, conv_backend="triton")(x)
 eager = SampledFeatureComputer(model, subset, conv_backend="torch")(x)
-print(relative_error(fused, eager))
+print(max(worst, relative_error(fused, eager)))
 """
 
 
@@ -327,3 +347,15 @@ def test_config_accepts_the_new_method_and_validates_tf32():
         Config().with_overrides(["features.tf32=maybe"]).validate(check_paths=False)
     with pytest.raises(ConfigError, match="features.method must be one of auto, sampled, hooks, func"):
         Config().with_overrides(["features.method=fast"]).validate(check_paths=False)
+
+
+def test_two_passes_at_once_over_one_dataset_use_separate_loaders():
+    from entk_ray.features import iterate_batches
+
+    images = torch.arange(6.0).view(6, 1, 1, 1)
+    ds = TensorLabeledDataset(images, np.zeros(6, dtype=np.int64))
+    outer = iterate_batches(ds, [0, 1, 2, 3], batch_size=2, num_workers=1)
+    first = next(outer)
+    inner = torch.cat(list(iterate_batches(ds, [5, 4], batch_size=2, num_workers=1)))  # while outer is open
+    rest = torch.cat([first, *outer])
+    assert rest.flatten().tolist() == [0.0, 1.0, 2.0, 3.0] and inner.flatten().tolist() == [5.0, 4.0]
