@@ -21,7 +21,8 @@ store once for the whole sweep through ``tune.with_parameters`` and read once pe
 Tune's files go to ``<tune storage>/<name>`` (:func:`tune_storage`: the artifact store's prefix
 when it is remote, so every node of a cluster reaches it, else ``<out_dir>/tune``), one folder per
 trial named by round and r (``round1_r=3.162e-05_<id>``) holding ``result.json`` (one line per r)
-and ``params.json``; no checkpoints, CSV or TensorBoard files.
+and the trial's ``params.json``/``params.pkl``; no checkpoints, CSV or TensorBoard files. A small
+sweep runs on one reused trial actor (:func:`trial_slots`); ``ray.tune_max_concurrent`` overrides.
 """
 from __future__ import annotations
 
