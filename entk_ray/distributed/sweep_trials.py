@@ -201,6 +201,10 @@ class TelescopicSearcher(Searcher):
     between rounds. Every completed r is kept in ``completed`` (saved and restored with Tune's
     experiment state: a restored search does not run those again). A failed trial ends the
     search; the driver reports the trial's error.
+
+    Why a thread: the search's rules stay in the one function the single-process sweep runs,
+    untouched, instead of a second copy written as a state machine. The thread is a daemon that
+    only ever waits on a queue between rounds; it ends with the search or a failed trial.
     """
 
     def __init__(self, settings: SolverSettings, select_on: str, rs_per_trial: int = 1):
