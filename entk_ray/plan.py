@@ -545,8 +545,7 @@ class Plan:
         new.features.storage_dtype = self.storage_dtype
         new.ray.block_gpus = self.block_gpus
         new.ray.max_blocks_in_flight = self.max_blocks_in_flight
-        if self.resources.gpus and self.use_ray:
-            new.features.num_workers = max(new.features.num_workers, self.decode_workers)
+        new.features.num_workers = max(new.features.num_workers, self.decode_workers)
         new.solver.method = self.solver_method
         return new
 
@@ -676,14 +675,24 @@ class _Planner:
             return node.gpus / self.G if node.gpus else 0.0
         return node.cpus / max(1, self.res.worker_cpus)
 
+    def _remote_tiles(self, node: NodeSpec, dtype: str, t: int, share: float = 0.5) -> float:
+        """Tile copies a node's running tile tasks fetch from other nodes into its object store:
+        ``node.gpus / share`` tasks read 2 tiles each, (k−1)/k of them held elsewhere (k GPU nodes)."""
+        k = sum(count for _, count in self.res.gpu_nodes)
+        if k <= 1 or not node.gpus or not self.x.use_ray:
+            return 0.0
+        return node.gpus / share * 2 * t * self.x.p * STORAGE_BYTES[dtype] * (k - 1) / k
+
     def _placement(self, dtype: str) -> dict[str, Any]:
         """Where Φ in ``dtype`` goes on every node type: default store, a larger store, or spill."""
         phi = self._phi_bytes(dtype)
         needed_max, spill_total, store_setting = 0.0, 0.0, None
         worst = None
+        t_min = min(MIN_GPU_TILE_ROWS, math.ceil(max(self.n, 1) / self.x.shard_size) * self.x.shard_size)
         for node, count in self.res.workers:
             share = phi * self._node_share(node)
-            needed = share * STORE_HEADROOM if self.x.use_ray else share
+            remote = self._remote_tiles(node, dtype, t_min)
+            needed = share * STORE_HEADROOM + remote if self.x.use_ray else share
             if self.x.use_ray:
                 default, largest = node.object_store(), node.max_object_store()
             else:  # one process: Φ in its own memory
@@ -703,7 +712,7 @@ class _Planner:
                 node_status = "no"
             rank = _PLACEMENTS.index(node_status)
             if worst is None or rank > worst[0]:  # the node type that fits worst speaks for the run
-                worst = (rank, node, share, needed, default, largest, spill_room)
+                worst = (rank, node, share, needed, default, largest, spill_room, remote)
         return {"dtype": dtype, "phi": phi, "status": _PLACEMENTS[worst[0]], "needed": needed_max,
                 "spill": spill_total, "store": store_setting, "worst": worst}
 
@@ -732,9 +741,10 @@ class _Planner:
                 f"{_b(self._phi_bytes(dtype))}")
 
     def _status_text(self, pl: dict[str, Any]) -> str:
-        rank, node, share, needed, default, largest, spill_room = pl["worst"]
+        rank, node, share, needed, default, largest, spill_room, remote = pl["worst"]
         where = f" per {node.name} node" if self.res.nodes > 1 else ""
-        need = (f"{_b(needed)}{where} ({_b(share)} + {STORE_HEADROOM - 1:.0%} room)" if self.x.use_ray
+        fetched = f" + {_b(remote)} of tiles fetched from other nodes" if remote else ""
+        need = (f"{_b(needed)}{where} ({_b(share)} + {STORE_HEADROOM - 1:.0%} room{fetched})" if self.x.use_ray
                 else f"{_b(needed)}")
         if pl["status"] == "default":
             return (f"{need} ≤ {_b(default)}, the object store as Ray sizes it by default" if self.x.use_ray
@@ -814,7 +824,7 @@ class _Planner:
 
     def _refuse_storage(self, storage: dict[str, Any]) -> None:
         x = self.x
-        rank, node, share, needed, default, largest, spill_room = storage["worst"]
+        rank, node, share, needed, default, largest, spill_room, remote = storage["worst"]
         why = "forced by plan.storage_dtype" if x.forced_dtype else "no storage dtype fits"
         if x.use_ray:
             per = f", {_b(needed)} per {node.name} node with the object store's room" if self.res.nodes > 1 else (
@@ -914,6 +924,11 @@ class _Planner:
         work = 0 if same else (ta + (0 if diagonal else tb)) * GPU_COLUMN_CHUNK * OPERAND_BYTES[compute]
         return tiles + block + work + GPU_CONTEXT_BYTES
 
+    def _store_room(self, node: NodeSpec, placement: dict[str, Any]) -> float:
+        """Object-store room a node has beside its share of Φ."""
+        store = max(placement["store"] or 0.0, node.object_store())
+        return store - placement["phi"] * self._node_share(node) * STORE_HEADROOM
+
     def _kernel_dtype(self) -> str:
         if self.x.kernel_dtype != "auto":
             return self.x.kernel_dtype
@@ -955,6 +970,11 @@ class _Planner:
                 while t > s and self._task_gpu_bytes(t, t, storage, compute) > usable:
                     t -= s
                 fits = self._task_gpu_bytes(t, t, storage, compute) <= usable
+                # Tiles fetched from other nodes must fit beside each node's share of Φ.
+                while t - s >= MIN_GPU_TILE_ROWS and x.tile_rows is None and any(
+                        self._remote_tiles(node, storage, t, share) > self._store_room(node, placement)
+                        for node, _ in res.gpu_nodes):
+                    t -= s
                 # Enough tasks for every GPU slot, while tiles stay ≥ 2,048 rows.
                 slots = int(round(self.G / share))
                 while (fits and t - s >= MIN_GPU_TILE_ROWS and x.tile_rows is None
@@ -1116,8 +1136,9 @@ class _Planner:
                  "the sweep's copy)"]
         options.append({"name": "cpu-spectral-float64", "device": "cpu", "dtype": "float64", "method": "spectral",
                         "seconds": eigh_s + rest, "fits": extra <= host_free, "lines": lines,
-                        "why": f"{_b(EIGH_CPU_FACTOR * self.K_bytes)} of host memory > "
-                               f"{_b(max(0.0, host_free + self.K_bytes))}",
+                        "why": (f"{_b(EIGH_CPU_FACTOR * self.K_bytes)} of host memory > "
+                                f"{_b(host_free + self.K_bytes)} free" if host_free + self.K_bytes > 0 else
+                                "K, K_e and the sweep's copy alone exceed the driver node's RAM"),
                         "host_extra": extra})
         bw = rate("CPU", "memory_bandwidth") * 1e9
         step = max(self.K_bytes / bw, 2.0 * n * n * C / r64c)
@@ -1282,6 +1303,26 @@ def markdown_tables() -> str:
     big = make_plan(living17_config(hardware="p4d.24xlarge", nodes=2), LIVING17_FULL.scaled(10), enforce=False)
     out.append("```\n" + (big.refusal() if not big.fits else "fits") + "\n```")
     return "\n".join(out)
+
+
+#: Regions of docs/scaling.md that are this module's output: marker name → text generator.
+DOC_REGIONS = {
+    "plan-tables": lambda: markdown_tables(),
+    "plan-h100": lambda: "```\n" + make_plan(living17_config(hardware="h100")).format() + "\n```",
+}
+
+
+def update_doc(text: str) -> str:
+    """``text`` with every ``<!-- NAME: begin -->`` … ``<!-- NAME: end -->`` region of
+    :data:`DOC_REGIONS` replaced by the current output (``scripts/plan_tables.py --write``)."""
+    for name, generate in DOC_REGIONS.items():
+        begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+        if begin not in text or end not in text:
+            raise ValueError(f"the document has no {begin} … {end} region")
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{begin}\n{generate()}\n{end}{tail}"
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -300,7 +300,10 @@ def test_module_command_prints_the_plan_or_refuses(capsys):
 
 
 def test_docs_scaling_tables_are_the_codes_output():
-    """docs/scaling.md pastes `python -m entk_ray.plan --markdown`; regenerate it when rates change."""
+    """docs/scaling.md pastes the planner's output; after changing a rate or a rule, run
+    `python scripts/plan_tables.py --write docs/scaling.md`."""
     doc = (ROOT / "docs" / "scaling.md").read_text()
-    assert "python -m entk_ray.plan --markdown" in doc
-    assert P.markdown_tables() in doc
+    assert P.update_doc(doc) == doc
+    assert P.markdown_tables() in doc and P.make_plan(P.living17_config(hardware="h100")).format() in doc
+    with pytest.raises(ValueError, match="no <!-- plan-tables: begin -->"):
+        P.update_doc("# no regions")
