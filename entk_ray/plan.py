@@ -283,8 +283,9 @@ class Resources:
 
     @property
     def gpu_type(self) -> str | None:
-        types = {node.gpu_type for node, _ in self.gpu_nodes}
-        return types.pop() if len(types) == 1 else (sorted(t for t in types if t)[0] if types else None)
+        """The GPU type whose rates the plan uses: the slowest one present (by feature rate)."""
+        types = {node.gpu_type for node, _ in self.gpu_nodes if node.gpu_type}
+        return min(types, key=lambda t: (rate(t, "features"), t)) if types else None
 
     @property
     def gpu_memory(self) -> float:
@@ -878,8 +879,8 @@ class _Planner:
                              f"capped at {_f(cap)} ex/s (per-example overheads) → {_f(per_gpu_model)} ex/s")
             gpu_rate = per_gpu_model * self.G
             if image:
-                per_actor = min(res.driver_node.cpus if not res.gpu_nodes else res.gpu_nodes[0][0].cpus
-                                // max(1, res.gpu_nodes[0][0].gpus), 64) - 1
+                gpu_node = res.gpu_nodes[0][0]
+                per_actor = gpu_node.cpus // gpu_node.gpus - 1  # CPUs beside the actor's own
                 want = math.ceil(per_gpu_model * rate("CPU", "decode") / 1000) + 1
                 self.decode_workers = max(x.num_workers, min(want, max(1, per_actor)))
                 decode = self.G * max(1, self.decode_workers) * 1000 / rate("CPU", "decode")
