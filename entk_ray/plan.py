@@ -54,7 +54,7 @@ class Rate:
 
 
 _I13 = "issue 13, H100 80 GB, torch 2.11"
-_DOC = "docs/scaling.md (assumption)"
+_DOC = "the first docs/scaling.md"
 #: (device, quantity) → rate. Devices: GPU types and ``CPU``; quantities: ``features`` (per-example
 #: gradient pipeline, ResNet-50 224 px, p = 500k, fp32, examples/s per GPU or per CPU core),
 #: ``features_floor`` (batched forward + full backward, same model), ``features_cap`` (the
@@ -71,27 +71,27 @@ PLANNING_RATES: dict[tuple[str, str], Rate] = {
     ("H100", "gram_bf16"): Rate(594, "TFLOP/s", f"{_I13}: a raw bf16 matmul", True),
     ("H100", "eigh_float64"): Rate(11.8, "s at n = 24,576", f"{_I13}: torch.linalg.eigh on the GPU", True),
     ("H100", "eigh_float32"): Rate(35, "s at n = 44,200", f"{_I13}: torch.linalg.eigh on the GPU, 47 GB peak", True),
-    ("H100", "hbm"): Rate(3350, "GB/s", "H100 SXM data sheet (assumption)", False),
+    ("H100", "hbm"): Rate(3350, "GB/s", "H100 SXM data sheet", False),
     ("H100", "h2d"): Rate(20, "GB/s", f"pinned host→GPU copies, {_DOC}", False),
     ("A100-40G", "features"): Rate(200, "ex/s", f"≈ ¼ of ResNet-50 training throughput, {_DOC}", False),
     ("A100-40G", "gram_float64"): Rate(6.8, "TFLOP/s", f"9.7 TFLOP/s peak × 0.7, {_DOC}", False),
     ("A100-40G", "gram_float32"): Rate(13.7, "TFLOP/s", f"19.5 TFLOP/s peak × 0.7, {_DOC}", False),
-    ("A100-40G", "gram_tf32"): Rate(109, "TFLOP/s", "156 TFLOP/s data-sheet peak × 0.7 (assumption)", False),
-    ("A100-40G", "gram_bf16"): Rate(218, "TFLOP/s", "312 TFLOP/s data-sheet peak × 0.7 (assumption)", False),
+    ("A100-40G", "gram_tf32"): Rate(109, "TFLOP/s", "156 TFLOP/s data-sheet peak × 0.7", False),
+    ("A100-40G", "gram_bf16"): Rate(218, "TFLOP/s", "312 TFLOP/s data-sheet peak × 0.7", False),
     ("A100-40G", "hbm"): Rate(1555, "GB/s", _DOC, False),
     ("A100-40G", "h2d"): Rate(20, "GB/s", f"pinned host→GPU copies, {_DOC}", False),
     ("A10G", "features"): Rate(60, "ex/s", f"≈ ¼ of ResNet-50 training throughput, {_DOC}", False),
     ("A10G", "gram_float64"): Rate(0.7, "TFLOP/s", f"1/32 rate ≈ 1 TFLOP/s × 0.7, {_DOC}", False),
     ("A10G", "gram_float32"): Rate(21.8, "TFLOP/s", f"31.2 TFLOP/s peak × 0.7, {_DOC}", False),
-    ("A10G", "gram_tf32"): Rate(43.8, "TFLOP/s", "62.5 TFLOP/s data-sheet peak × 0.7 (assumption)", False),
-    ("A10G", "gram_bf16"): Rate(87.5, "TFLOP/s", "125 TFLOP/s data-sheet peak × 0.7 (assumption)", False),
+    ("A10G", "gram_tf32"): Rate(43.8, "TFLOP/s", "62.5 TFLOP/s data-sheet peak × 0.7", False),
+    ("A10G", "gram_bf16"): Rate(87.5, "TFLOP/s", "125 TFLOP/s data-sheet peak × 0.7", False),
     ("A10G", "hbm"): Rate(600, "GB/s", _DOC, False),
     ("A10G", "h2d"): Rate(20, "GB/s", f"pinned host→GPU copies, {_DOC}", False),
     ("CPU", "features"): Rate(0.32, "ex/s per core",
                               f"31.25 GFLOP/s per core × 0.25 / 24.6 GFLOP per example, {_DOC}", False),
     ("CPU", "gram_float64"): Rate(41, "GFLOP/s per core", "issue 13: LocalBackend kernels, 2.1e13 FLOP (n = 4,096 + "
                                 "1,024 eval, p = 500k, float64) in 31.6 s on 16 cores", True),
-    ("CPU", "gram_float32"): Rate(82, "GFLOP/s per core", "twice the float64 rate (assumption)", False),
+    ("CPU", "gram_float32"): Rate(82, "GFLOP/s per core", "twice the float64 rate", False),
     ("CPU", "eigh_float64"): Rate(14.6, "s at n = 8,192 on 16 cores", "issue 13: numpy eigh, 16 cores", True),
     ("CPU", "memory_bandwidth"): Rate(100, "GB/s per node", _DOC, False),
     ("CPU", "decode"): Rate(8, "ms per image per core", f"JPEG decode + resize + crop, {_DOC}", False),
