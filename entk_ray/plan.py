@@ -95,7 +95,8 @@ PLANNING_RATES: dict[tuple[str, str], Rate] = {
     ("CPU", "eigh_float64"): Rate(14.6, "s at n = 8,192 on 16 cores", "issue 13: numpy eigh, 16 cores", True),
     ("CPU", "memory_bandwidth"): Rate(100, "GB/s per node", _DOC, False),
     ("CPU", "decode"): Rate(8, "ms per image per core", f"JPEG decode + resize + crop, {_DOC}", False),
-    ("Ray", "sweep_overhead"): Rate(20, "s", "issue 13: the Tune sweep takes 18–21 s where one process takes 0.6 s", True),
+    ("Ray", "sweep_overhead"): Rate(20, "s", "issue 13: the Tune sweep took 18–21 s where one process takes 0.6 s "
+                                           "(one Tune run per round, before issue 10's single run)", True),
 }
 #: Reference sizes of the eigh measurements.
 EIGH_REFERENCE_N = {("H100", "float64"): 24576, ("H100", "float32"): 44200, ("CPU", "float64"): 8192}
@@ -785,21 +786,22 @@ class _Planner:
                                  "(entk_ray.kernels.kernel_error) and belongs in the results")
         if storage["status"] == "no":
             self._refuse_storage(storage)
-        if x.use_ray:  # after Φ is released, the sweep ships K and K_e through the driver node's store
-            sweep, driver = self._sweep_store_bytes(), res.driver_node
-            store = max(storage["store"] or 0.0, driver.object_store())
-            if sweep > store:
-                if sweep <= driver.max_object_store():
-                    storage["store"] = math.ceil(sweep / GB) * GB
-                    storage_lines.append(f"the sweep's copy of K and K_e ({_b(sweep)}) needs object_store_memory = "
-                                         f"{_b(storage['store'])} on the driver's node")
-                else:
-                    self.notes.append(f"the sweep's copy of K and K_e ({_b(sweep)}) exceeds the driver node's "
-                                      f"object store ({_b(driver.max_object_store())}): Ray spills it to disk")
 
         features = self._features_stage()
         kernels, tiles = self._kernels_stage(storage)
         solver_stage, solver = self._solver_stage()
+        sweep = self._sweep_store_bytes(solver["method"])
+        if x.use_ray:  # after Φ is released, the sweep ships its input through the driver node's store
+            driver, what = res.driver_node, self._sweep_label(solver["method"])
+            store = max(storage["store"] or 0.0, driver.object_store())
+            if sweep > store:
+                if sweep <= driver.max_object_store():
+                    storage["store"] = math.ceil(sweep / GB) * GB
+                    storage_lines.append(f"{what} ({_b(sweep)}) needs object_store_memory = "
+                                         f"{_b(storage['store'])} on the driver's node")
+                else:
+                    self.notes.append(f"{what} ({_b(sweep)}) exceeds the driver node's object store "
+                                      f"({_b(driver.max_object_store())}): Ray spills it to disk")
         stages = [features, kernels, solver_stage]
         if x.use_ray:
             stages.append(Stage("Ray overhead", rate("Ray", "sweep_overhead"), "Tune sweep rounds",
@@ -814,7 +816,7 @@ class _Planner:
             title=title, sizes=self.sizes, resources=res, p=x.p, model=x.model, resolution=x.resolution,
             use_ray=x.use_ray, storage_dtype=dtype, storage_forced=x.forced_dtype is not None,
             phi_bytes=storage["phi"], object_store_bytes=storage["store"],
-            object_store_needed_bytes=max(storage["needed"], self._sweep_store_bytes() if x.use_ray else 0.0),
+            object_store_needed_bytes=max(storage["needed"], sweep),
             spill_bytes=storage["spill"], kernel_dtype=tiles["dtype"], kernel_device=tiles["device"],
             tile_rows=tiles["rows"], shard_size=x.shard_size, block_gpus=tiles["block_gpus"],
             max_blocks_in_flight=tiles["in_flight"], kernel_tasks=tiles["tasks"], solver=solver["name"],
@@ -1123,7 +1125,8 @@ class _Planner:
                             "why": f"K + K_e = {_b(mem)} of GPU memory > {_b(usable)}", "host_extra": 0.0})
         head = res.driver_node
         cores = head.cpus
-        host_free = head.ram_bytes - self._host_reserve(head) - self.K_bytes - self.Ke_bytes - self._sweep_store_bytes()
+        base_free = head.ram_bytes - self._host_reserve(head) - self.K_bytes - self.Ke_bytes
+        host_free = base_free - self._sweep_store_bytes("spectral")
         r64c = rate("CPU", "gram_float64") * 1e9 * cores
         ref_n = EIGH_REFERENCE_N[("CPU", "float64")]
         eigh_s = rate("CPU", "eigh_float64") * (n / ref_n) ** 3 * EIGH_REFERENCE_CORES / cores
@@ -1134,12 +1137,12 @@ class _Planner:
                  f"K_e·U + path scores {_e(2.0 * e * n * n + eval_flops)} FLOP / ({_f(r64c / 1e9)} GFLOP/s) = {_t(rest)}",
                  f"host memory {EIGH_CPU_FACTOR:g}·n²·8 B = {_b(EIGH_CPU_FACTOR * self.K_bytes)} with K "
                  f"({'≤' if extra <= host_free else '>'} {_b(max(0.0, host_free + self.K_bytes))} free beside K_e and "
-                 "the sweep's copy)"]
+                 f"{self._sweep_label('spectral')})"]
         options.append({"name": "cpu-spectral-float64", "device": "cpu", "dtype": "float64", "method": "spectral",
                         "seconds": eigh_s + rest, "fits": extra <= host_free, "lines": lines,
                         "why": (f"{_b(EIGH_CPU_FACTOR * self.K_bytes)} of host memory > "
                                 f"{_b(host_free + self.K_bytes)} free" if host_free + self.K_bytes > 0 else
-                                "K, K_e and the sweep's copy alone exceed the driver node's RAM"),
+                                "K and K_e alone exceed the driver node's RAM"),
                         "host_extra": extra})
         bw = rate("CPU", "memory_bandwidth") * 1e9
         step = max(self.K_bytes / bw, 2.0 * n * n * C / r64c)
@@ -1147,9 +1150,10 @@ class _Planner:
         lines = [f"NAG per β: {trials} trials × {_n(steps)} steps × max(K {_b(self.K_bytes)} / "
                  f"{_f(bw / 1e9)} GB/s, 2·n²·C / {_f(r64c / 1e9)} GFLOP/s) = {_t(seconds)} (at most)"]
         options.append({"name": "cpu-nag-float64", "device": "cpu", "dtype": "float64", "method": "nag",
-                        "seconds": seconds, "fits": host_free >= 0, "lines": lines,
-                        "why": f"K, K_e and the sweep's copy need {_b(self.K_bytes + self.Ke_bytes + self._sweep_store_bytes())}"
-                               f" of host memory; RAM {_b(head.ram_bytes)}", "host_extra": 0.0})
+                        "seconds": seconds, "fits": base_free - self._sweep_store_bytes("nag") >= 0, "lines": lines,
+                        "why": f"K, K_e and {self._sweep_label('nag')} need "
+                               f"{_b(self.K_bytes + self.Ke_bytes + self._sweep_store_bytes('nag'))} of host memory; "
+                               f"RAM {_b(head.ram_bytes)}", "host_extra": 0.0})
         return options
 
     def _solver_stage(self) -> tuple[Stage, dict[str, Any]]:
@@ -1186,9 +1190,19 @@ class _Planner:
         headline = f"{chosen['name']} on the {where}"
         return Stage("solver", chosen["seconds"], headline, lines), chosen
 
-    def _sweep_store_bytes(self) -> float:
-        """The Tune sweep ships K and K_e once through the object store (tune.with_parameters)."""
-        return (self.K_bytes + self.Ke_bytes) * STORE_HEADROOM if self.x.use_ray else 0.0
+    def _sweep_store_bytes(self, method: str) -> float:
+        """What the Tune sweep puts in the driver node's object store once (tune.with_parameters):
+        for ``spectral`` the Spectrum (eigenvalues, UᵀY and K_e U: n·(1 + C + e) float64), for
+        ``nag`` the whole problem (K and K_e)."""
+        if not self.x.use_ray:
+            return 0.0
+        if method == "spectral":
+            return 8.0 * self.n * (1 + self.sizes.num_classes + self.e) * STORE_HEADROOM
+        return (self.K_bytes + self.Ke_bytes) * STORE_HEADROOM
+
+    @staticmethod
+    def _sweep_label(method: str) -> str:
+        return "the Spectrum for Tune" if method == "spectral" else "K and K_e for Tune"
 
     # ------------------------------------------------------------------ host memory
     def _host_memory(self, storage: dict[str, Any], tiles: dict[str, Any], solver: dict[str, Any]) -> tuple[list[str], float]:
@@ -1217,7 +1231,7 @@ class _Planner:
             if node is self.res.driver_node:
                 parts = [("K + K_e", self.K_bytes + self.Ke_bytes)]
                 if self.x.use_ray:
-                    parts.append(("their copy for Tune", self._sweep_store_bytes()))
+                    parts.append((self._sweep_label(solver["method"]), self._sweep_store_bytes(solver["method"])))
                 if solver["device"] == "cpu":
                     parts.append((f"{solver['name']} workspace", solver["host_extra"]))
                 parts.append(("OS and Ray", self._host_reserve(node)))
