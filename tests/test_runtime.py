@@ -13,6 +13,8 @@ import ray
 
 from entk_ray.distributed.runtime import RayConnectionError, describe_cluster, init_ray, shutdown_ray
 
+pytestmark = pytest.mark.ray  # these start (or refuse to start) Ray
+
 
 @pytest.fixture
 def no_ray(ray_manager):
@@ -54,9 +56,11 @@ def _is_loopback(ip: str) -> bool:
 
 
 @pytest.mark.timeout(120)
-def test_local_start_ignores_a_recorded_cluster_and_listens_on_loopback_only(no_ray):
+def test_local_start_ignores_a_recorded_cluster_and_listens_on_loopback_only(no_ray, monkeypatch):
     # A stale record of an earlier `ray start` (its head is gone): plain ray.init() would try to join
     # it (and hang for minutes); init_ray() without an address must start a new local instance.
+    # So must it with the Jobs API's URL in RAY_ADDRESS (exported for `ray job …`, docs/cluster.md).
+    monkeypatch.setenv("RAY_ADDRESS", "http://localhost:8265")
     temp_dir = tempfile.mkdtemp(prefix="entkrt", dir="/tmp")  # short: Ray's socket paths live below
     try:
         with open(f"{temp_dir}/ray_current_cluster", "w") as fh:
@@ -143,4 +147,15 @@ def test_a_malformed_address_is_rejected_before_anything_starts(no_ray):
         init_ray("not-an-address")
     with pytest.raises(RayConnectionError, match="ray://HOST:PORT"):
         init_ray("ray://no-port")
+    assert not ray.is_initialized()
+
+
+def test_a_jobs_api_url_in_ray_address_is_not_a_cluster_to_join(no_ray, monkeypatch):
+    # docs/cluster.md exports RAY_ADDRESS=http://localhost:8265 for `ray job …`; a local run in the
+    # same shell must not try to join it, and --address auto says what is wrong.
+    monkeypatch.setenv("RAY_ADDRESS", "http://localhost:8265")
+    with pytest.raises(RayConnectionError, match="Jobs API URL"):
+        init_ray("auto")
+    with pytest.raises(RayConnectionError, match="Jobs API URL"):
+        init_ray("https://head:8265")
     assert not ray.is_initialized()

@@ -5,8 +5,9 @@
 * ``None`` starts a **new local Ray** (``ray.init(address="local")``) on this machine, listening on
   127.0.0.1 only. It never joins a cluster that an earlier ``ray start`` recorded on the machine
   (plain ``ray.init()`` would, and hangs for minutes when that record is stale). The one
-  exception is ``RAY_ADDRESS`` in the environment: Ray Jobs sets it for every job's entry point,
-  so a driver started by ``ray job submit`` joins its cluster.
+  exception is a GCS address in ``RAY_ADDRESS``: Ray Jobs sets it for every job's entry point, so
+  a driver started by ``ray job submit`` joins its cluster. (An ``http://`` ``RAY_ADDRESS`` is the
+  Jobs API's, exported for the ``ray job`` commands, and is not joined.)
 * ``"auto"`` joins the cluster this machine belongs to (on the head after ``ray up``, or inside a
   Ray Job); ``host:port`` joins that GCS; ``ray://host:port`` connects through Ray Client.
 
@@ -94,6 +95,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         return connection
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     env_address = os.environ.get("RAY_ADDRESS") or None
+    if env_address and _is_jobs_api_url(env_address):
+        env_address = None  # `ray job …`'s dashboard URL (docs/cluster.md), not a cluster to join
     start = time.perf_counter()
     if address or env_address:
         source = f"--address {address}" if address else f"RAY_ADDRESS={env_address}"
@@ -184,6 +187,12 @@ def _join(address: str, source: str, connect_timeout_s: float, kwargs) -> object
 
 def _gcs_endpoint(address: str, source: str) -> tuple[str, int]:
     """The ``(host, port)`` that ``ray.init(address)`` will connect to."""
+    env_address = os.environ.get("RAY_ADDRESS") or ""
+    if _is_jobs_api_url(address) or (address == "auto" and _is_jobs_api_url(env_address)):
+        url = address if _is_jobs_api_url(address) else f"{env_address} (from RAY_ADDRESS)"
+        raise RayConnectionError(
+            f"{source}: {url} is a dashboard / Jobs API URL, for `ray job submit`; a run joins a "
+            f"cluster by its GCS address: auto (on a cluster node or inside a Ray Job) or HOST:6379")
     if "://" in address:  # ray://host:port (Ray Client)
         netloc = address.split("://", 1)[1].split("/", 1)[0]
         host, _, port = netloc.rpartition(":")
@@ -207,11 +216,15 @@ def _gcs_endpoint(address: str, source: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _is_jobs_api_url(address: str) -> bool:
+    return address.lower().startswith(("http://", "https://"))
+
+
 def _unreachable(source: str, endpoint: str, reason: str, timeout_s: float | None) -> str:
     within = f" within {timeout_s:g}s" if timeout_s is not None else ""
     return (f"cannot reach the Ray cluster given by {source} (at {endpoint}){within}: {reason.rstrip('. ')}. "
             f"Check that the cluster is up (`ray status` on its head), that HOST:PORT is its GCS "
-            f"address (port 6379 for `ray start --head`; ray://HOST:10001 for Ray Client), and "
+            f"address (port 6379 for `ray start --head`), and "
             f"that no firewall or security group blocks this machine. Without --address the run "
             f"starts a local Ray instead.")
 
