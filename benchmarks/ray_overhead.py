@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from entk_ray.distributed import RayBackend
-    from entk_ray.pipeline import LocalBackend, build_benchmark
+    from entk_ray.backends import LocalBackend
+    from entk_ray.pipeline import build_benchmark
 
     cfg = base_config(args.quick, args.set)
     scratch = tempfile.mkdtemp(prefix="entk_ray_overhead_")

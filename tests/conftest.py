@@ -100,10 +100,19 @@ def ray_cluster(ray_manager):
     return ray_manager.multi_node()
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ray: starts or uses a Ray instance (local or a multi-node test cluster); "
+                                       "the math alone: pytest -m 'not ray'")
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Run tests in three groups, keeping file order within each: no Ray, local Ray, cluster."""
+    """Mark every test that uses Ray with ``ray``, and run tests in three groups, keeping file
+    order within each: no Ray, local Ray, cluster."""
     def group(item) -> int:
         names = getattr(item, "fixturenames", ())
         return 2 if "ray_cluster" in names else 1 if "ray_local" in names else 0
 
+    for item in items:
+        if group(item):
+            item.add_marker(pytest.mark.ray)
     items[:] = sorted(items, key=group)  # sorted is stable

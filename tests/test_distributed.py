@@ -18,6 +18,7 @@ from entk_ray.distributed.blocks import TRAIN, plan_blocks
 from entk_ray.distributed.sweep import tune_sweep
 from entk_ray.distributed.testing import TinyFeaturizerFactory, tiny_benchmark
 from entk_ray.solvers import (
+    SolverSettings,
     choose_converged,
     choose_early_stopping,
     make_problem,
@@ -225,8 +226,7 @@ def test_tune_sweep_equals_direct_solver(ray_local, tmp_path, method):
     problem = random_problem()
     rounds_seen = []
     runs = tune_sweep(cfg, problem, name=f"test-{method}", on_round=lambda i, rs: rounds_seen.append(len(rs)))
-    direct = solve_sweep(problem, s.r_grid, s.rounds, s.points_per_round, s.method, s.max_steps, s.eval_every,
-                         s.tol, s.momentum)
+    direct = solve_sweep(problem, SolverSettings.from_config(s))
     assert rounds_seen == [3, len(direct) - 3]
     assert [(run.r, run.beta, run.round, run.method) for run in runs] == \
         [(run.r, run.beta, run.round, run.method) for run in direct]

@@ -102,9 +102,9 @@ def test_ray_kill_feature_actor_mid_run(ray_local, tmp_path):
     def kill_one(event, backend=None, pool=None, **payload):
         if event == "actors":  # the pool is up, nothing submitted yet
             pids_before.update(info["pid"] for info in pool.describe())
-        if event == "shard" and not killed and backend.pool is not None and backend.pool.pending():
-            actor_id = next(iter(backend.pool._inflight.values()))[0]  # an actor with a shard in flight
-            ray.kill(backend.pool.actors[actor_id], no_restart=False)
+        if event == "shard" and not killed and pool is not None and pool.pending():
+            actor_id = next(iter(pool._inflight.values()))[0]  # an actor with a shard in flight
+            ray.kill(pool.actors[actor_id], no_restart=False)
             killed.append(actor_id)
 
     backend = RayBackend(cfg, featurizer_factory=factory, store=None, on_event=kill_one)

@@ -14,15 +14,10 @@ import torch
 from PIL import Image
 
 from entk_ray.config import ConfigError, DataConfig
-from entk_ray.data import image_folder
-from entk_ray.data.image_folder import (
-    CorruptImagesError,
-    ImageFileDataset,
-    ImageReadError,
-    build_image_folder_benchmark,
-    scan_images,
-    subsample_indices,
-)
+from entk_ray.data import images as image_files
+from entk_ray.data.base import subsample_indices
+from entk_ray.data.image_folder import build_image_folder_benchmark
+from entk_ray.data.images import CorruptImagesError, ImageFileDataset, ImageReadError, scan_images
 from entk_ray.data.transforms import KUMAR_MEAN, KUMAR_STD, EvalTransform, eval_transform, eval_transform_for_crop
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -169,7 +164,7 @@ def damaged(tmp_path) -> dict[str, Path]:
 
 
 def test_header_check_finds_garbage_and_decode_check_also_truncation(damaged):
-    paths = sorted(str(p) for p in damaged["root"].glob("*/*") if image_folder.has_image_extension(str(p)))
+    paths = sorted(str(p) for p in damaged["root"].glob("*/*") if image_files.has_image_extension(str(p)))
     header = scan_images(paths, check="header")
     decode = scan_images(paths, check="decode")
     assert [p for p, _ in header] == [str(damaged["garbage"])]
@@ -203,10 +198,10 @@ def test_corrupt_policy_fail_names_files_and_skip_drops_them(damaged, tmp_path):
 
 
 def test_scan_results_are_cached(damaged, tmp_path, monkeypatch):
-    paths = sorted(str(p) for p in damaged["root"].glob("*/*") if image_folder.has_image_extension(str(p)))
+    paths = sorted(str(p) for p in damaged["root"].glob("*/*") if image_files.has_image_extension(str(p)))
     cache = str(tmp_path / "scan.parquet")
     first = scan_images(paths, check="header", cache_file=cache)
-    monkeypatch.setattr(image_folder, "check_image", lambda *a: pytest.fail("re-read an image"))
+    monkeypatch.setattr(image_files, "check_image", lambda *a: pytest.fail("re-read an image"))
     assert scan_images(paths, check="header", cache_file=cache) == first
     assert [p for p, _ in first] == [str(damaged["garbage"])]
 
@@ -268,8 +263,8 @@ def test_image_folder_benchmark_on_s3(folders, s3, tmp_path):
     root = f"{bucket}/data"
     cfg = DataConfig(benchmark="image_folder", id_train_dir=f"{root}/train", id_val_dir=f"{root}/val",
                      ood_dirs=[f"{root}/sketch/"], n_train=None, n_id_val=None, n_ood=None,
-                     storage_options=s3.storage_options, index_cache=str(tmp_path))
-    benchmark = build_quietly(cfg)
+                     index_cache=str(tmp_path))
+    benchmark = build_quietly(cfg, storage_options=s3.storage_options)
     assert (len(benchmark.train), len(benchmark.id_val), list(benchmark.ood)) == (13, 6, ["sketch"])
     assert all(p.startswith("s3://image-folders/data/train/") for p in benchmark.train.paths)
     local = build_quietly(folder_config(folders, ood_dirs=[str(folders["sketch"])]))

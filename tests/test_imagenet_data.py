@@ -18,7 +18,7 @@ from entk_ray.config import ConfigError, DataConfig
 from entk_ray.data import imagenet
 from entk_ray.data.base import Benchmark
 from entk_ray.data.breeds import imagenet_class_info, load_living17
-from entk_ray.data.image_folder import CorruptImagesError, ImageFileDataset
+from entk_ray.data.images import CorruptImagesError, ImageFileDataset
 from entk_ray.data.imagenet import MissingClassesError, build_breeds_benchmark, index_imagenet, split_sizes
 from entk_ray.data.transforms import eval_transform
 
@@ -343,8 +343,8 @@ def test_living17_from_s3_and_cached_index(trees, s3, tmp_path, monkeypatch):
         rel = path.relative_to(local).as_posix()
         if path.is_file() and (not rel.startswith("train/") or rel.split("/")[1] in needed):
             fs.pipe_file(f"imagenet-living17/ilsvrc/{rel}", path.read_bytes())
-    cfg = config(f"{bucket}/ilsvrc", tmp_path, storage_options=s3.storage_options)
-    benchmark = build(cfg)
+    cfg = config(f"{bucket}/ilsvrc", tmp_path)
+    benchmark = build(cfg, storage_options=s3.storage_options)
     assert split_sizes(benchmark) == {"train": 102, "id_val": 68, "living17_target": 68}
     assert benchmark.train.paths[0].startswith("s3://imagenet-living17/ilsvrc/train/")
     assert_labels_follow_breeds(benchmark)
@@ -353,5 +353,5 @@ def test_living17_from_s3_and_cached_index(trees, s3, tmp_path, monkeypatch):
 
     monkeypatch.setattr(imagenet, "_list_entries", lambda *a: pytest.fail("relisted S3"))
     monkeypatch.setattr(imagenet, "_find_files", lambda *a: pytest.fail("relisted S3"))
-    again = build(cfg)
+    again = build(cfg, storage_options=s3.storage_options)
     assert again.manifest == benchmark.manifest

@@ -85,7 +85,7 @@ def test_living17_from_s3_with_a_moco_checkpoint(tree, checkpoints, tmp_path, ca
         options = json.dumps(s3.storage_options)
         out = tmp_path / "out"
         run_script(["--imagenet-root", "s3://living17-e2e/imagenet", "--weights", "s3://living17-e2e/ckpt/moco.pth.tar",
-                    "--checkpoint-format", "moco", "--set", f"data.storage_options={options}",
+                    "--checkpoint-format", "moco", "--set", f"storage_options={options}",
                     "--index-cache", str(tmp_path / "cache"), "--out", str(out), *FAST], capsys)
     payload = json.loads((out / "results.json").read_text())
     assert payload["split_sizes"] == {"train": 102, "id_val": 68, "ood:living17_target": 68}

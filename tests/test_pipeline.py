@@ -6,7 +6,8 @@ import pytest
 
 from entk_ray.cli import demo_main
 from entk_ray.config import Config
-from entk_ray.pipeline import LocalBackend, build_benchmark, run
+from entk_ray.backends import LocalBackend
+from entk_ray.pipeline import build_benchmark, run
 
 SMALL = ["data.n_train=80", "data.n_id_val=40", "data.n_ood=40", "features.p=3000", "solver.max_steps=120",
          "solver.eval_every=10", "solver.rounds=2", "solver.points_per_round=3", "probe.c_grid=[0.01, 1.0]"]

@@ -1,9 +1,11 @@
 """Solvers: NAG and the spectral path against the closed form and against each other."""
+import dataclasses
+
 import numpy as np
 import pytest
 
-from entk_ray.solvers import (SpectralSolver, beta_from_r, choose_converged, choose_early_stopping, eval_steps,
-                              holdout_split, kernel_ridge, make_problem, nag_solve, one_hot_targets, solve_sweep,
+from entk_ray.solvers import (SolverSettings, SpectralSolver, beta_from_r, choose_converged, choose_early_stopping,
+                              eval_steps, holdout_split, kernel_ridge, make_problem, nag_solve, one_hot_targets, solve_sweep,
                               telescopic_search, zoom_grid)
 
 
@@ -25,7 +27,7 @@ def test_both_solvers_converge_to_kernel_ridge(momentum):
     problem = synthetic_problem()
     r = 0.05
     exact = kernel_ridge(problem.kernel, problem.targets, beta_from_r(problem.kernel, r))
-    spectral = SpectralSolver(problem)
+    spectral = SpectralSolver.from_problem(problem)
     run, iterates = nag_solve(problem, r, max_steps=20000, eval_every=50, tol=1e-10, momentum=momentum,
                               return_iterates=True)
     assert run.converged and run.final_step < 20000
@@ -41,7 +43,7 @@ def test_both_solvers_converge_to_kernel_ridge(momentum):
 @pytest.mark.parametrize("r", [1e-4, 1e-2, 1.0])
 def test_spectral_path_reproduces_iterative_nag(momentum, r):
     problem = synthetic_problem(seed=2)
-    spectral = SpectralSolver(problem)
+    spectral = SpectralSolver.from_problem(problem)
     run, iterates = nag_solve(problem, r, max_steps=400, eval_every=7, tol=1e-9, momentum=momentum,
                               lam_max=spectral.lam_max, lam_min=spectral.lam_min, return_iterates=True)
     path = spectral.path(r, max_steps=400, eval_every=7, tol=1e-9, momentum=momentum)
@@ -57,7 +59,7 @@ def test_spectral_path_reproduces_iterative_nag(momentum, r):
 
 def test_early_stopping_picks_the_best_id_step_earliest_on_ties():
     problem = synthetic_problem(seed=3)
-    runs = [SpectralSolver(problem).path(r, 300, 5, 1e-12) for r in (1e-3, 1e-1)]
+    runs = [SpectralSolver.from_problem(problem).path(r, 300, 5, 1e-12) for r in (1e-3, 1e-1)]
     choice = choose_early_stopping(runs, "id_val")
     best = max(float(run.accuracy["id_val"].max()) for run in runs)
     assert choice.accuracy["id_val"] == best
@@ -104,8 +106,8 @@ def test_telescopic_search_zooms_around_the_best_r_and_keeps_every_point():
 @pytest.mark.parametrize("method", ["spectral", "nag"])
 def test_solve_sweep_reports_every_point(method):
     problem = synthetic_problem(seed=4)
-    runs = solve_sweep(problem, [1e-3, 1e-1, 10.0], rounds=2, points_per_round=3, method=method,
-                       max_steps=200, eval_every=20, tol=1e-8)
+    runs = solve_sweep(problem, SolverSettings(method=method, max_steps=200, eval_every=20, tol=1e-8,
+                                               r_grid=(1e-3, 1e-1, 10.0), rounds=2, points_per_round=3))
     assert {run.round for run in runs} == {0, 1}
     assert all(run.method == method for run in runs)
     points = [p for run in runs for p in run.to_records()]
@@ -114,8 +116,10 @@ def test_solve_sweep_reports_every_point(method):
 
 def test_spectral_and_nag_sweeps_agree():
     problem = synthetic_problem(seed=5)
-    a = solve_sweep(problem, [1e-3, 1e-1, 10.0], 2, 3, "spectral", 150, 10, 1e-8)
-    b = solve_sweep(problem, [1e-3, 1e-1, 10.0], 2, 3, "nag", 150, 10, 1e-8)
+    settings = SolverSettings(max_steps=150, eval_every=10, tol=1e-8, r_grid=(1e-3, 1e-1, 10.0), rounds=2,
+                              points_per_round=3)
+    a = solve_sweep(problem, settings)
+    b = solve_sweep(problem, dataclasses.replace(settings, method="nag"))
     assert [run.r for run in a] == pytest.approx([run.r for run in b])
     for x, y in zip(a, b):
         assert np.array_equal(x.accuracy["id_val"], y.accuracy["id_val"])
@@ -125,7 +129,8 @@ def test_holdout_selection_selects_on_a_train_slice_and_reports_id():
     problem = synthetic_problem(selection="holdout")
     assert problem.select_on == "holdout" and "id_val" in problem.eval_kernels
     assert problem.n == 150 - problem.eval_kernels["holdout"].shape[0]
-    runs = solve_sweep(problem, [1e-2, 1.0], 1, 2, "spectral", 100, 10, 1e-8)
+    runs = solve_sweep(problem, SolverSettings(max_steps=100, eval_every=10, tol=1e-8, r_grid=(1e-2, 1.0), rounds=1,
+                                               points_per_round=2))
     choice = choose_early_stopping(runs, "holdout")
     run = next(run for run in runs if run.r == choice.r)
     idx = list(run.steps).index(choice.step)

@@ -141,7 +141,7 @@ def test_ray_backend_reuses_s3_artifacts(ray_local, s3, tmp_path):
     cfg.ray.shard_size = 16
     cfg.store.out_dir = str(tmp_path / "out")
     cfg.store.artifact_store = f"{bucket}/runs"
-    cfg.store.storage_options = s3.storage_options
+    cfg.storage_options = s3.storage_options
     benchmark = tiny_benchmark(n_train=32, n_id_val=16, n_ood=16, seed=11)
     factory = TinyFeaturizerFactory(cfg.features, seed=3)
 

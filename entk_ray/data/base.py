@@ -9,14 +9,19 @@ cheaply (file lists, not decoded images) so Ray can ship them to feature actors.
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from entk_ray.config import ConfigError
+from entk_ray.fingerprints import digest
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -70,5 +75,40 @@ class Benchmark:
         return {"id_val": self.id_val, **{f"ood:{k}": v for k, v in self.ood.items()}}
 
     def manifest_hash(self) -> str:
-        blob = json.dumps(self.manifest, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return digest(self.manifest)
+
+
+def subsample_indices(labels: np.ndarray, n: int | None, seed: int, field: str, split_name: str) -> np.ndarray:
+    """Sorted indices of a seeded, class-stratified sample of ``n`` examples (all when ``n`` is None).
+
+    Each class gets ``n`` × its share, rounded by largest remainder so the total is exactly ``n``.
+    The random stream depends on ``seed`` and ``split_name``, so splits draw independently.
+    Raises :class:`ConfigError` naming ``data.<field>`` when ``n`` exceeds what is available.
+    """
+    labels = np.asarray(labels)
+    available = labels.shape[0]
+    if n is None:
+        return np.arange(available)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ConfigError(f"data.{field} must be a positive integer or null, got {n!r}")
+    if n > available:
+        raise ConfigError(f"data.{field} = {n} exceeds the {available} examples available in {split_name}")
+    rng = np.random.default_rng([seed, zlib.crc32(split_name.encode())])
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * (n / available)
+    take = np.floor(quota).astype(np.int64)
+    shortfall = n - int(take.sum())
+    if shortfall:
+        order = np.argsort(-(quota - take), kind="stable")
+        take[order[:shortfall]] += 1
+    chosen = [
+        rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c, k in zip(classes, take) if k
+    ]
+    return np.sort(np.concatenate(chosen)) if chosen else np.arange(0)
+
+
+def report_sizes(name: str, sizes: dict[str, int], verbose: bool) -> None:
+    line = f"{name}: " + ", ".join(f"{split} {n:,}" for split, n in sizes.items())
+    logger.info(line)
+    if verbose:
+        print(line, flush=True)

@@ -24,7 +24,6 @@ Then both sets go through :func:`to_model_input`: ``x/16`` ∈ [0, 1], bilinear 
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 from entk_ray.config import ConfigError, DataConfig
 from entk_ray.data.base import Benchmark, TensorLabeledDataset
+from entk_ray.fingerprints import file_digest
 
 #: Bump when the preprocessing changes: it is part of the manifest (artifact fingerprint).
 DIGITS_PREPROCESSING_VERSION = 1
@@ -312,4 +312,4 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return file_digest(str(path))

@@ -31,7 +31,6 @@ or removed) is rebuilt with ``refresh_index=True`` or by deleting the file.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -45,23 +44,12 @@ from typing import Any
 import numpy as np
 
 from entk_ray.config import ConfigError
-from entk_ray.data.base import Benchmark
+from entk_ray.data.base import Benchmark, report_sizes, subsample_indices
 from entk_ray.data.breeds import BREEDS_BENCHMARKS, BreedsSplit, breeds_split
-from entk_ray.data.image_folder import (
-    ImageFileDataset,
-    as_url,
-    check_corrupt_settings,
-    drop_or_fail_on_corrupt,
-    file_list_digest,
-    filesystem_for,
-    has_image_extension,
-    join_url,
-    read_parquet,
-    report_sizes,
-    scan_cache_path,
-    subsample_indices,
-    write_parquet,
-)
+from entk_ray.data.images import (ImageFileDataset, check_corrupt_settings, drop_or_fail_on_corrupt,
+                                  file_list_digest, has_image_extension, scan_cache_path)
+from entk_ray.fingerprints import digest
+from entk_ray.storage import as_url, filesystem_for, join_url, read_parquet, write_parquet
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +156,7 @@ def index_cache_path(
     """The cache file for ``root_url``: keyed by the root, the S3 endpoint (never credentials) and ``extra``."""
     options = storage_options or {}
     endpoint = (options.get("client_kwargs") or {}).get("endpoint_url") or options.get("endpoint_url")
-    key_source = json.dumps({"root": root_url, "endpoint": endpoint, **(extra or {})}, sort_keys=True)
-    key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
+    key = digest({"root": root_url, "endpoint": endpoint, **(extra or {})})
     return join_url(cache_dir, f"imagenet-index-{key}.parquet")
 
 
@@ -466,6 +453,7 @@ def build_breeds_benchmark(
     transform: Callable | None = None,
     name: str | None = None,
     *,
+    storage_options: dict[str, Any] | None = None,
     cache_dir: str | None = None,
     corrupt_check: str = "header",
     val_ground_truth: str | None = None,
@@ -484,27 +472,20 @@ def build_breeds_benchmark(
     and ``data_cfg.corrupt_policy`` applies; scan results are cached beside the file index, so a
     rerun reads no image for the check. ``refresh_index=True`` lists and scans afresh.
     ``name`` defaults to ``data_cfg.benchmark``; the index cache folder is ``cache_dir``, else
-    ``data_cfg.index_cache``, else :func:`default_index_cache_dir`.
-    The available and final sizes are printed (``verbose``), logged and stored in
-    ``manifest["available"]`` / ``manifest["sizes"]``.
+    ``data_cfg.index_cache``, else :func:`default_index_cache_dir`; ``storage_options`` are fsspec
+    options for ``s3://`` roots. The available and final sizes are printed (``verbose``), logged
+    and stored in ``manifest["available"]`` / ``manifest["sizes"]``.
     """
-    from entk_ray.data.transforms import describe_transform, eval_transform
+    from entk_ray.data.transforms import eval_transform
 
     name = name or data_cfg.benchmark
-    if name not in BREEDS_BENCHMARKS:
-        raise ConfigError(f"data.benchmark must be one of {', '.join(BREEDS_BENCHMARKS)} for ImageNet; got {name!r}")
-    if not data_cfg.imagenet_root:
-        raise ConfigError(f"data.imagenet_root is required for data.benchmark={name!r}")
-    check_corrupt_settings(data_cfg.corrupt_policy, corrupt_check)
-    for field_name in ("n_train", "n_id_val", "n_ood"):
-        value = getattr(data_cfg, field_name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"data.{field_name} must be a positive integer or null, got {value!r}")
+    _check_breeds_settings(data_cfg, name, corrupt_check)
     transform = transform if transform is not None else eval_transform()
     split = breeds_split(name)
-    options = data_cfg.storage_options
+    options = dict(storage_options or {})
     cache_dir = cache_dir or data_cfg.index_cache or default_index_cache_dir()
 
+    # 1. The file index of the subclasses the split uses (cached as Parquet).
     index = index_imagenet(
         data_cfg.imagenet_root,
         {"train": split.source_wnids(), "val": split.source_wnids() + split.target_wnids()},
@@ -514,25 +495,15 @@ def build_breeds_benchmark(
         val_class_mapping=val_class_mapping,
         refresh=refresh_index,
     )
-    ood_key = f"{name}_target"
-    full = {
-        "train": _labelled_urls(index, "train", split.source),
-        "id_val": _labelled_urls(index, "val", split.source),
-        ood_key: _labelled_urls(index, "val", split.target),
-    }
+    # 2. Every available image of each split, labelled by superclass.
+    full = _breeds_splits(index, split, name)
     available = {k: len(paths) for k, (paths, _) in full.items()}
     problems = full_imagenet_warnings(name, split, index, available)
     if problems:
         message = f"{name} on {index.root} differs from the full ImageNet:\n" + "\n".join(f"  - {p}" for p in problems)
         warnings.warn(message, stacklevel=2)
-
-    requested = {"train": ("n_train", data_cfg.n_train), "id_val": ("n_id_val", data_cfg.n_id_val),
-                 ood_key: ("n_ood", data_cfg.n_ood)}
-    selected = {}
-    for key, (paths, labels) in full.items():  # every size is checked before any image is read
-        field_name, n = requested[key]
-        keep = subsample_indices(labels, n, data_cfg.seed, field_name, key)
-        selected[key] = ImageFileDataset([paths[i] for i in keep], labels[keep], transform, options)
+    # 3. Subsample (every size is checked before any image is read), then drop or fail on corrupt images.
+    selected = _subsample_splits(full, data_cfg, transform, options)
     scan_cache = scan_cache_path(cache_dir, [index.root], corrupt_check)
     if refresh_index:
         _remove_if_exists(scan_cache, options)
@@ -540,32 +511,72 @@ def build_breeds_benchmark(
         key: drop_or_fail_on_corrupt(ds, data_cfg.corrupt_policy, key, corrupt_check, scan_threads, scan_cache)
         for key, ds in selected.items()
     }
-
     sizes = {key: len(ds) for key, ds in datasets.items()}
     report_sizes(f"{name} (available {', '.join(f'{k} {v:,}' for k, v in available.items())})", sizes, verbose)
-    manifest = {
-        "benchmark": name,
-        "imagenet_root": index.root,
-        "val_layout": index.val_layout,
-        "breeds_split": hashlib.sha256(json.dumps(split.to_dict(), sort_keys=True).encode()).hexdigest()[:16],
-        "class_names": list(split.superclass_names),
-        "seed": data_cfg.seed,
-        "requested": {"n_train": data_cfg.n_train, "n_id_val": data_cfg.n_id_val, "n_ood": data_cfg.n_ood},
-        "available": available,
-        "sizes": sizes,
-        "files": {key: file_list_digest(ds.paths, ds.labels) for key, ds in datasets.items()},
-        "corrupt_policy": data_cfg.corrupt_policy,
-        "corrupt_check": corrupt_check,
-        "transform": describe_transform(transform),
-    }
+    # 4. The benchmark and the manifest its artifacts are keyed by.
+    ood_key = f"{name}_target"
     return Benchmark(
         name=name,
         class_names=list(split.superclass_names),
         train=datasets["train"],
         id_val=datasets["id_val"],
         ood={ood_key: datasets[ood_key]},
-        manifest=manifest,
+        manifest=_breeds_manifest(name, index, split, data_cfg, available, datasets, corrupt_check, transform),
     )
+
+
+def _check_breeds_settings(data_cfg, name: str, corrupt_check: str) -> None:
+    if name not in BREEDS_BENCHMARKS:
+        raise ConfigError(f"data.benchmark must be one of {', '.join(BREEDS_BENCHMARKS)} for ImageNet; got {name!r}")
+    if not data_cfg.imagenet_root:
+        raise ConfigError(f"data.imagenet_root is required for data.benchmark={name!r}")
+    check_corrupt_settings(data_cfg.corrupt_policy, corrupt_check)
+    for field_name in ("n_train", "n_id_val", "n_ood"):
+        value = getattr(data_cfg, field_name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"data.{field_name} must be a positive integer or null, got {value!r}")
+
+
+def _breeds_splits(index: ImageNetIndex, split: BreedsSplit, name: str) -> dict[str, tuple[list[str], np.ndarray]]:
+    """(urls, superclass labels) of every available image: train, id_val and ``<name>_target``."""
+    return {
+        "train": _labelled_urls(index, "train", split.source),
+        "id_val": _labelled_urls(index, "val", split.source),
+        f"{name}_target": _labelled_urls(index, "val", split.target),
+    }
+
+
+def _subsample_splits(full: dict[str, tuple[list[str], np.ndarray]], data_cfg, transform,
+                      storage_options: dict[str, Any]) -> dict[str, ImageFileDataset]:
+    """Seeded, superclass-stratified samples of ``n_train`` / ``n_id_val`` / ``n_ood`` images."""
+    fields = {"train": ("n_train", data_cfg.n_train), "id_val": ("n_id_val", data_cfg.n_id_val)}
+    selected = {}
+    for key, (paths, labels) in full.items():
+        field_name, n = fields.get(key, ("n_ood", data_cfg.n_ood))
+        keep = subsample_indices(labels, n, data_cfg.seed, field_name, key)
+        selected[key] = ImageFileDataset([paths[i] for i in keep], labels[keep], transform, storage_options)
+    return selected
+
+
+def _breeds_manifest(name: str, index: ImageNetIndex, split: BreedsSplit, data_cfg, available: dict[str, int],
+                     datasets: dict[str, ImageFileDataset], corrupt_check: str, transform) -> dict[str, Any]:
+    from entk_ray.data.transforms import describe_transform
+
+    return {
+        "benchmark": name,
+        "imagenet_root": index.root,
+        "val_layout": index.val_layout,
+        "breeds_split": digest(split.to_dict()),
+        "class_names": list(split.superclass_names),
+        "seed": data_cfg.seed,
+        "requested": {"n_train": data_cfg.n_train, "n_id_val": data_cfg.n_id_val, "n_ood": data_cfg.n_ood},
+        "available": available,
+        "sizes": {key: len(ds) for key, ds in datasets.items()},
+        "files": {key: file_list_digest(ds.paths, ds.labels) for key, ds in datasets.items()},
+        "corrupt_policy": data_cfg.corrupt_policy,
+        "corrupt_check": corrupt_check,
+        "transform": describe_transform(transform),
+    }
 
 
 def _remove_if_exists(path: str, storage_options: dict[str, Any]) -> None:

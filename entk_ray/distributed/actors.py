@@ -60,33 +60,6 @@ class Shard:
         return f"{self.split}[{self.start}:{self.stop}]"
 
 
-# --------------------------------------------------------------------------------------------
-# Featurizer factories: how an actor builds its featurizer
-# --------------------------------------------------------------------------------------------
-class ConfigFeaturizerFactory:
-    """Builds :class:`entk_ray.pipeline.Featurizer` from the run's model and feature config.
-
-    A factory is a picklable callable ``factory(device) -> featurizer`` (with ``.features``,
-    ``.embeddings``, ``.subset`` and ``.feature_cfg``) plus ``weights_fingerprint()``; tests and
-    benchmarks pass their own (see :mod:`entk_ray.distributed.testing`).
-    """
-
-    def __init__(self, model_cfg, feature_cfg, storage_options: dict | None = None):
-        self.model_cfg = model_cfg
-        self.feature_cfg = feature_cfg
-        self.storage_options = dict(storage_options or {})
-
-    def __call__(self, device: str | torch.device):
-        from entk_ray.pipeline import Featurizer
-
-        return Featurizer(self.model_cfg, self.feature_cfg, self.storage_options, device=device)
-
-    def weights_fingerprint(self) -> str:
-        from entk_ray.models import weights_fingerprint
-
-        return weights_fingerprint(self.model_cfg, self.storage_options)
-
-
 def pick_device(requested: str) -> torch.device:
     """The device this Ray worker should use: CUDA only when Ray assigned it a GPU (Ray sets
     ``CUDA_VISIBLE_DEVICES``, so the assigned GPU is ``cuda:0``), else CPU."""

@@ -6,15 +6,13 @@ launches kernel-block tasks as soon as their two shards exist, gathers blocks in
 preallocated K / K_e, releases the actors, and finally runs the telescopic β search as one Ray
 Tune run per round. The math is the single-process code (``Featurizer``, ``kernels.gram_block``,
 ``SpectralSolver``/``nag_solve``, ``telescopic_search``), so :class:`RayBackend` reproduces
-:class:`entk_ray.pipeline.LocalBackend`.
+:class:`entk_ray.backends.LocalBackend`.
 
 Options come from ``cfg.ray`` (address, num_workers, gpus/cpus per worker, shard_size, block_gpus,
-max_blocks_in_flight, tune_max_concurrent) and ``cfg.store`` (artifact_store, storage_options).
+max_blocks_in_flight, tune_max_concurrent), ``cfg.store`` (artifact_store) and ``cfg.storage_options``.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 import uuid
@@ -25,10 +23,11 @@ import numpy as np
 import ray
 
 from entk_ray import kernels as kern
+from entk_ray.backends import Backend, KernelSet, run_fingerprint
 from entk_ray.config import Config
 from entk_ray.data.base import Benchmark
 from entk_ray.distributed import metrics
-from entk_ray.distributed.actors import ConfigFeaturizerFactory, FeaturePool, Shard
+from entk_ray.distributed.actors import FeaturePool, Shard
 from entk_ray.distributed.blocks import TRAIN, KernelAssembler
 from entk_ray.distributed.runtime import (
     cluster_cpus,
@@ -36,8 +35,9 @@ from entk_ray.distributed.runtime import (
     init_ray,
     shutdown_ray,
 )
-from entk_ray.distributed.sweep import run_from_dict, run_to_dict, tune_sweep
-from entk_ray.pipeline import Backend, KernelSet, run_fingerprint
+from entk_ray.distributed.sweep import tune_sweep
+from entk_ray.featurizer import ConfigFeaturizerFactory
+from entk_ray.fingerprints import digest
 from entk_ray.solvers import KernelProblem, SolverRun
 from entk_ray.store import (
     ArtifactStore,
@@ -59,11 +59,12 @@ class RayBackend(Backend):
         cfg: the run's config; ``cfg.ray.address`` decides whether Ray is joined or started.
         featurizer_factory: picklable ``factory(device) -> featurizer`` with
             ``weights_fingerprint()``; default: the configured model
-            (:class:`~entk_ray.distributed.actors.ConfigFeaturizerFactory`).
+            (:class:`~entk_ray.featurizer.ConfigFeaturizerFactory`).
         store: an :class:`ArtifactStore`, ``True`` for the configured one
             (``cfg.store.artifact_store`` or ``<out_dir>/artifacts``), or ``None`` for none.
-        on_event: optional ``hook(event, **payload)`` called on the driver for ``"actors"``
-            (pool), ``"shard"`` (result), ``"block"`` and ``"round"``; used by fault-injection tests.
+        on_event: optional ``hook(event, backend=..., **payload)`` called on the driver for
+            ``"actors"`` (pool), ``"shard"`` (result, pool), ``"block"`` and ``"round"`` (index,
+            runs); used by fault-injection tests.
         keep_partials: keep per-block / per-shard artifacts after the whole kernels are stored.
         max_restarts, max_task_retries: feature-actor fault tolerance.
         init_kwargs: extra ``ray.init`` arguments when this backend starts Ray.
@@ -79,9 +80,7 @@ class RayBackend(Backend):
         self.store = ArtifactStore.from_config(cfg) if store is True else (store or None)
         self.on_event = on_event
         self.keep_partials = keep_partials
-        self.max_restarts = max_restarts
-        self.max_task_retries = max_task_retries
-        self.pool: FeaturePool | None = None
+        self.actor_options = {"max_restarts": max_restarts, "max_task_retries": max_task_retries}
         self.namespace: Namespace | None = None
         self.fingerprint: str | None = None
         self.stats: dict[str, Any] = {}
@@ -91,10 +90,7 @@ class RayBackend(Backend):
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        """Release actors; shut Ray down only if this backend started it."""
-        if self.pool is not None:
-            self.pool.release()
-            self.pool = None
+        """Shut Ray down only if this backend started it (a stage releases its own actors)."""
         shutdown_ray(self._started)
         self._started = False
 
@@ -106,34 +102,20 @@ class RayBackend(Backend):
 
     def _emit(self, event: str, **payload) -> None:
         if self.on_event is not None:
-            self.on_event(event, **payload)
+            self.on_event(event, backend=self, **payload)
 
     # ------------------------------------------------------------------ features + kernels
     def kernels(self, cfg: Config, benchmark: Benchmark, progress: bool = True) -> KernelSet:
         """Φ of every split on feature actors, K and each K_e from block tasks, reusing the store."""
-        factory = self.featurizer_factory or ConfigFeaturizerFactory(cfg.model, cfg.features, cfg.data.storage_options)
-        return _KernelStage(self, cfg, benchmark, factory, progress).run()
-
-    def _start_pool(self, cfg: Config, factory, dataset_refs: dict, shards_needed: int) -> FeaturePool:
-        """Feature actors: one per GPU (``gpus_per_worker`` each) when the cluster has GPUs, else
-        one per ``cpus_per_worker`` CPUs; ``ray.num_workers`` overrides; never more than shards."""
-        r = cfg.ray
-        gpus = cluster_gpus()
-        use_gpu = gpus > 0 and r.gpus_per_worker > 0
-        if r.num_workers is not None:
-            workers = r.num_workers
-        elif use_gpu:
-            workers = max(1, int(gpus // r.gpus_per_worker))
-        else:
-            workers = max(1, int(cluster_cpus() // max(r.cpus_per_worker, 1e-9)))
-        workers = max(1, min(workers, shards_needed))
-        pool = FeaturePool(factory, dataset_refs, workers, num_cpus=r.cpus_per_worker,
-                           num_gpus=r.gpus_per_worker if use_gpu else 0.0, device=cfg.features.device,
-                           max_restarts=self.max_restarts, max_task_retries=self.max_task_retries,
-                           run_id=f"{(self.fingerprint or 'run')[:8]}-{uuid.uuid4().hex[:4]}")
-        self._emit("actors", pool=pool, backend=self)
-        log.info("started %d feature actors (%s)", workers, "GPU" if use_gpu else "CPU")
-        return pool
+        factory = self.featurizer_factory or ConfigFeaturizerFactory(cfg.model, cfg.features, cfg.storage_options)
+        stage = _KernelStage(cfg, benchmark, factory, store=self.store, emit=self._emit,
+                             keep_partials=self.keep_partials, actor_options=self.actor_options,
+                             progress=progress, init_s=self.init_s)
+        self.stats = stage.stats  # live: event hooks may read it mid-run
+        try:
+            return stage.run()
+        finally:
+            self.fingerprint, self.namespace = stage.fingerprint, stage.ns
 
     # ------------------------------------------------------------------ sweep
     def sweep(self, cfg: Config, problem: KernelProblem) -> list[SolverRun]:
@@ -142,12 +124,12 @@ class RayBackend(Backend):
         key = f"sweeps/{_sweep_key(cfg, problem)}" if ns is not None else None
         if key is not None and ns.has(key):
             log.info("sweep results loaded from %s", ns.uri)
-            return [run_from_dict(doc) for doc in ns.load_json(key)]
+            return [SolverRun.from_dict(doc) for doc in ns.load_json(key)]
         name = f"sweep-{(self.fingerprint or 'kernels')[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
         runs = tune_sweep(cfg, problem, name=name,
-                          on_round=lambda i, rs: self._emit("round", index=i, runs=rs, backend=self))
+                          on_round=lambda i, rs: self._emit("round", index=i, runs=rs))
         if key is not None:
-            ns.save_json(key, [run_to_dict(run) for run in runs], meta={"solver": vars(cfg.solver)})
+            ns.save_json(key, [run.to_dict() for run in runs], meta={"solver": vars(cfg.solver)})
         return runs
 
 
@@ -155,27 +137,36 @@ class RayBackend(Backend):
 # The features + kernels stage of one run
 # --------------------------------------------------------------------------------------------
 class _KernelStage:
-    """State of one ``RayBackend.kernels`` call: the driver's event loop over shard results and
-    block results (``ray.wait`` on both), with the store consulted first and written as it goes."""
+    """One ``RayBackend.kernels`` call: the driver's event loop over shard results and block
+    results (``ray.wait`` on both), with the store consulted first and written as it goes.
 
-    def __init__(self, backend: RayBackend, cfg: Config, benchmark: Benchmark, factory, progress: bool):
-        self.backend, self.cfg, self.benchmark, self.factory = backend, cfg, benchmark, factory
+    The stage owns what it starts: the feature actors (:class:`FeaturePool`, started when the
+    first shard needs computing and released as soon as every shard is in) and the datasets it
+    puts in the object store. Afterwards it holds the run's fingerprint, its store namespace and
+    the counters in ``stats``."""
+
+    def __init__(self, cfg: Config, benchmark: Benchmark, factory, *, store: ArtifactStore | None,
+                 emit: EventHook, keep_partials: bool, actor_options: dict[str, int], progress: bool,
+                 init_s: float = 0.0):
+        self.cfg, self.benchmark, self.factory = cfg, benchmark, factory
+        self.store, self.emit, self.keep_partials = store, emit, keep_partials
+        self.actor_options = actor_options
         self.progress = progress
         self.splits = {TRAIN: benchmark.train, **benchmark.eval_sets()}
         self.eval_names = list(benchmark.eval_sets())
         self.t0 = time.perf_counter()
-        self.timings = {"ray_init_s": backend.init_s}
+        self.timings = {"ray_init_s": init_s}
+        self.fingerprint: str | None = None
         self.subset_fp: str | None = None
         self.subset_p: int | None = None
         self.ns: Namespace | None = None
+        self.pool: FeaturePool | None = None
         self.inflight: set[Shard] = set()
         self.dataset_refs: dict[str, ray.ObjectRef] = {}
         self.embeddings: dict[str, np.ndarray | None] = {name: None for name in self.splits}
         self.features_done = self.t0
-        backend.fingerprint = backend.namespace = None
-        backend.stats = self.stats = {"fingerprint": None, "shards_computed": 0, "blocks_computed": 0,
-                                      "blocks_cached": 0, "shard_failures": 0, "pids": set(), "nodes": set(),
-                                      "reused": False}
+        self.stats = {"fingerprint": None, "shards_computed": 0, "blocks_computed": 0, "blocks_cached": 0,
+                      "shard_failures": 0, "pids": set(), "nodes": set(), "reused": False}
 
     def run(self) -> KernelSet:
         from tqdm.auto import tqdm
@@ -208,15 +199,14 @@ class _KernelStage:
     # -------------------------------------------------------------- store
     def _open_store(self) -> KernelSet | None:
         """Fingerprint the run and return the stored kernel set if it is complete."""
-        backend = self.backend
-        if backend.store is None:
+        if self.store is None:
             return None  # the actors report S; the driver need not build the model
         # The store is keyed by the run fingerprint, which needs S: build the model once here.
         self.subset_fp, self.subset_p, weights_fp = _driver_fingerprints(self.factory)
-        backend.fingerprint = self.stats["fingerprint"] = run_fingerprint(
+        self.fingerprint = self.stats["fingerprint"] = run_fingerprint(
             self.cfg, self.benchmark, self.subset_fp, weights_fp)
-        self.ns = backend.namespace = backend.store.namespace(backend.fingerprint, parts={
-            "run_fingerprint": backend.fingerprint, "weights": weights_fp, "subset": self.subset_fp,
+        self.ns = self.store.namespace(self.fingerprint, parts={
+            "run_fingerprint": self.fingerprint, "weights": weights_fp, "subset": self.subset_fp,
             "manifest": self.benchmark.manifest, "model": self.cfg.model.name, "features": vars(self.cfg.features)})
         sizes = {name: len(ds) for name, ds in self.splits.items()}
         cached = load_kernels(self.ns, sizes, self.eval_names)
@@ -224,7 +214,7 @@ class _KernelStage:
             return None
         self.stats["reused"] = True
         self.timings.update(features_s=0.0, kernels_s=0.0, store_load_s=time.perf_counter() - self.t0)
-        log.info("kernels for fingerprint %s loaded from %s", backend.fingerprint, self.ns.uri)
+        log.info("kernels for fingerprint %s loaded from %s", self.fingerprint, self.ns.uri)
         return KernelSet(cached[0], cached[1], cached[2], self.subset_fp, self.timings, self.subset_p)
 
     def _shards_to_compute(self, shards: dict[str, list[Shard]]) -> list[Shard]:
@@ -241,9 +231,8 @@ class _KernelStage:
         return todo
 
     def _finish(self) -> KernelSet:
-        backend = self.backend
-        if backend.fingerprint is None:
-            backend.fingerprint = self.stats["fingerprint"] = run_fingerprint(
+        if self.fingerprint is None:
+            self.fingerprint = self.stats["fingerprint"] = run_fingerprint(
                 self.cfg, self.benchmark, self.subset_fp, self.factory.weights_fingerprint())
         missing = [name for name, e in self.embeddings.items() if e is None]
         if missing:
@@ -253,7 +242,7 @@ class _KernelStage:
         if self.ns is not None:
             start = time.perf_counter()
             save_kernels(self.ns, train, evals, self.embeddings)
-            if not backend.keep_partials:
+            if not self.keep_partials:
                 self.ns.delete("blocks/")
                 self.ns.delete("shards/")
             self.timings["store_save_s"] = time.perf_counter() - start
@@ -264,19 +253,39 @@ class _KernelStage:
         """Queue shards on the feature actors (starting them, and shipping datasets, if needed)."""
         if not shards:
             return
-        backend = self.backend
-        if backend.pool is None:
+        if self.pool is None:
             for name in {s.split for s in shards} - set(self.dataset_refs):
                 self.dataset_refs[name] = ray.put(self.splits[name])  # once per split, shared by all actors
-            backend.pool = backend._start_pool(self.cfg, self.factory, self.dataset_refs, len(shards))
+            self.pool = self._start_pool(len(shards))
         self.inflight.update(shards)
-        backend.pool.submit(shards)
+        self.pool.submit(shards)
+
+    def _start_pool(self, shards_needed: int) -> FeaturePool:
+        """Feature actors: one per GPU (``gpus_per_worker`` each) when the cluster has GPUs, else
+        one per ``cpus_per_worker`` CPUs; ``ray.num_workers`` overrides; never more than shards."""
+        r = self.cfg.ray
+        gpus = cluster_gpus()
+        use_gpu = gpus > 0 and r.gpus_per_worker > 0
+        if r.num_workers is not None:
+            workers = r.num_workers
+        elif use_gpu:
+            workers = max(1, int(gpus // r.gpus_per_worker))
+        else:
+            workers = max(1, int(cluster_cpus() // max(r.cpus_per_worker, 1e-9)))
+        workers = max(1, min(workers, shards_needed))
+        pool = FeaturePool(self.factory, self.dataset_refs, workers, num_cpus=r.cpus_per_worker,
+                           num_gpus=r.gpus_per_worker if use_gpu else 0.0, device=self.cfg.features.device,
+                           run_id=f"{(self.fingerprint or 'run')[:8]}-{uuid.uuid4().hex[:4]}",
+                           **self.actor_options)
+        self.emit("actors", pool=pool)
+        log.info("started %d feature actors (%s)", workers, "GPU" if use_gpu else "CPU")
+        return pool
 
     def _loop(self) -> None:
         assembler = self.assembler
         while True:
             assembler.launch()
-            pool = self.backend.pool
+            pool = self.pool
             refs = (pool.pending() if pool is not None else []) + assembler.pending()
             if not refs:
                 if not assembler.missing:
@@ -289,7 +298,7 @@ class _KernelStage:
                 continue
             ready, _ = ray.wait(refs, num_returns=1)
             for ref in ready:
-                pool = self.backend.pool
+                pool = self.pool
                 if pool is not None and pool.owns(ref):
                     result = pool.collect(ref)
                     if result is not None:
@@ -300,7 +309,7 @@ class _KernelStage:
                         self._compute(sorted(set(lost) - self.inflight, key=_shard_order))
                     else:
                         self.stats["blocks_computed"] += 1
-                        self.backend._emit("block", backend=self.backend)
+                        self.emit("block")
 
     def _on_shard(self, result) -> None:
         shard, info = result.shard, result.info
@@ -322,18 +331,18 @@ class _KernelStage:
         metrics.record("examples", shard.size, split=shard.split, worker=info["worker"])
         metrics.record("examples_per_s", shard.size / max(info["seconds"], 1e-9), worker=info["worker"])
         self.feature_bar.update(shard.size)
-        self.backend._emit("shard", result=result, backend=self.backend)
-        pool = self.backend.pool
+        self.emit("shard", result=result, pool=self.pool)
+        pool = self.pool
         if pool is not None and pool.done and not self.inflight:
             self.features_done = time.perf_counter()
             self._release_pool()  # their CPUs/GPUs go to block tasks and sweep trials
 
     def _release_pool(self) -> None:
-        pool = self.backend.pool
+        pool = self.pool
         if pool is not None:
             self.stats["shard_failures"] += len(pool.failures)
             pool.release()
-            self.backend.pool = None
+            self.pool = None
 
     def _put_embeddings(self, shard: Shard, rows: np.ndarray) -> None:
         target = self.embeddings[shard.split]
@@ -373,11 +382,9 @@ def _load_shard_embeddings(ns: Namespace | None, shard: Shard) -> np.ndarray | N
 
 def _sweep_key(cfg: Config, problem: KernelProblem) -> str:
     """Hash of the solver settings and of the problem (targets, labels, K's trace and size)."""
-    h = hashlib.sha256(json.dumps(vars(cfg.solver), sort_keys=True, default=str).encode())
-    h.update(np.ascontiguousarray(problem.targets).tobytes())
-    h.update(f"{problem.n};{problem.select_on};{float(np.trace(problem.kernel))!r}".encode())
-    for name in problem.eval_kernels:
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(problem.eval_labels[name]).tobytes())
-        h.update(repr(problem.eval_kernels[name].shape).encode())
-    return h.hexdigest()[:16]
+    return digest({
+        "solver": vars(cfg.solver), "n": problem.n, "select_on": problem.select_on, "trace": repr(problem.trace),
+        "targets": digest(problem.targets.tolist()),
+        "evals": {name: [list(problem.eval_kernels[name].shape), digest(problem.eval_labels[name].tolist())]
+                  for name in problem.eval_kernels},
+    })

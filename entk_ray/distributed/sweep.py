@@ -10,10 +10,10 @@ so the search, its tie-breaking and the report are exactly those of the single-p
 What reaches a trial (through ``tune.with_parameters``, i.e. put in the object store once for the
 whole sweep and read zero-copy by every trial):
 
-* ``solver.method == "spectral"``: the driver does the one ``eigh`` and ships only the spectral
-  pieces — eigenvalues, c = UᵀY, K_e U per evaluation set, labels — O(n·(C + Σm_e)) numbers instead
-  of K and U. Each trial then runs the inherited :meth:`SpectralSolver.path` (O(steps·n) plus one
-  GEMM for its evaluations), so its numbers are those of the local path.
+* ``solver.method == "spectral"``: the driver does the one ``eigh`` and ships only the
+  :class:`~entk_ray.solvers.Spectrum` — eigenvalues, c = UᵀY, K_e U per evaluation set, labels —
+  O(n·(C + Σm_e)) numbers instead of K and U. Each trial runs :meth:`SpectralSolver.path` on it
+  (O(steps·n) plus one GEMM for its evaluations), so its numbers are those of the local path.
 * ``solver.method == "nag"``: the iterative solver needs K itself, so the whole
   :class:`KernelProblem` goes (once), with λ_max/λ_min computed once on the driver.
 
@@ -26,56 +26,22 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from entk_ray.distributed import metrics
 from entk_ray.solvers import (
     KernelProblem,
     SolverRun,
+    SolverSettings,
     SpectralSolver,
+    Spectrum,
     extreme_eigenvalues,
     nag_solve,
     telescopic_search,
 )
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# What a trial gets
-# --------------------------------------------------------------------------------------------
-@dataclass
-class SolverSettings:
-    max_steps: int
-    eval_every: int
-    tol: float
-    momentum: str
-    method: str
-
-    @classmethod
-    def from_config(cls, solver_cfg) -> SolverSettings:
-        return cls(solver_cfg.max_steps, solver_cfg.eval_every, solver_cfg.tol, solver_cfg.momentum,
-                   solver_cfg.method)
-
-
-class SpectralPieces(SpectralSolver):
-    """A :class:`SpectralSolver` without K and U: what a sweep trial needs to run ``path``."""
-
-    def __init__(self, solver: SpectralSolver):
-        # Deliberately no super().__init__(): that would redo the eigh. Copy its results instead.
-        self.problem = None  # K stays on the driver
-        self.trace, self.n, self.eval_labels = solver.trace, solver.n, solver.eval_labels
-        self.eigenvalues = solver.eigenvalues
-        self.eigenvectors = None  # not shipped: trials never form α
-        self.lam_max, self.lam_min = solver.lam_max, solver.lam_min
-        self.c, self.c_sq, self.y_norm = solver.c, solver.c_sq, solver.y_norm
-        self.projected = solver.projected
-
-    def iterate(self, coefficients):  # pragma: no cover - needs U
-        raise NotImplementedError("SpectralPieces has no eigenvectors; use SpectralSolver for iterates")
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,38 +58,21 @@ def _report(run: SolverRun) -> None:
                   "accuracy": {name: float(acc[i]) for name, acc in run.accuracy.items()},
                   "converged": bool(run.converged and i == last), "method": run.method}
         if i == last:
-            result["path"] = json.dumps(run_to_dict(run))
+            result["path"] = json.dumps(run.to_dict())
         tune.report(result)
 
 
-def spectral_trial(config: dict, pieces: SpectralPieces, settings: SolverSettings) -> None:
+def spectral_trial(config: dict, spectrum: Spectrum, settings: SolverSettings) -> None:
     """Tune trial: the exact NAG path at one r from the precomputed spectrum."""
-    run = pieces.path(config["r"], settings.max_steps, settings.eval_every, settings.tol, settings.momentum)
-    _report(run)
+    s = settings
+    _report(SpectralSolver(spectrum).path(config["r"], s.max_steps, s.eval_every, s.tol, s.momentum))
 
 
 def nag_trial(config: dict, problem: KernelProblem, extremes: tuple[float, float], settings: SolverSettings) -> None:
     """Tune trial: iterative NAG at one r (needs K; λ_max/λ_min come from the driver)."""
-    run = nag_solve(problem, config["r"], settings.max_steps, settings.eval_every, settings.tol,
-                    settings.momentum, lam_max=extremes[0], lam_min=extremes[1])
-    _report(run)
-
-
-# --------------------------------------------------------------------------------------------
-# SolverRun <-> JSON (Tune results and the artifact store)
-# --------------------------------------------------------------------------------------------
-def run_to_dict(run: SolverRun) -> dict:
-    return {"r": run.r, "beta": run.beta, "steps": [int(s) for s in run.steps],
-            "accuracy": {k: [float(x) for x in v] for k, v in run.accuracy.items()},
-            "grad_norm": [float(x) for x in run.grad_norm], "converged": bool(run.converged),
-            "final_step": int(run.final_step), "method": run.method, "round": int(run.round)}
-
-
-def run_from_dict(doc: dict) -> SolverRun:
-    return SolverRun(r=float(doc["r"]), beta=float(doc["beta"]), steps=np.asarray(doc["steps"], dtype=np.int64),
-                     accuracy={k: np.asarray(v, dtype=np.float64) for k, v in doc["accuracy"].items()},
-                     grad_norm=np.asarray(doc["grad_norm"], dtype=np.float64), converged=bool(doc["converged"]),
-                     final_step=int(doc["final_step"]), method=doc["method"], round=int(doc.get("round", 0)))
+    s = settings
+    _report(nag_solve(problem, config["r"], s.max_steps, s.eval_every, s.tol, s.momentum,
+                      lam_max=extremes[0], lam_min=extremes[1]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,11 +111,10 @@ def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: 
     """The telescopic β search of ``cfg.solver`` with one Ray Tune run per round."""
     from ray import tune
 
-    s = cfg.solver
-    settings = SolverSettings.from_config(s)
+    s = settings = SolverSettings.from_config(cfg.solver)
     if s.method == "spectral":
-        pieces = SpectralPieces(SpectralSolver(problem))  # the one eigh, on the driver
-        trainable = tune.with_parameters(spectral_trial, pieces=pieces, settings=settings)
+        spectrum, _ = Spectrum.of(problem)  # the one eigh, on the driver; U stays here
+        trainable = tune.with_parameters(spectral_trial, spectrum=spectrum, settings=settings)
     elif s.method == "nag":
         extremes = extreme_eigenvalues(problem.kernel)
         trainable = tune.with_parameters(nag_trial, problem=problem, extremes=extremes, settings=settings)
@@ -191,7 +139,7 @@ def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: 
             raise RuntimeError(f"{len(grid.errors)} sweep trial(s) of round {round_index} failed: {grid.errors[0]}")
         by_r: dict[float, SolverRun] = {}
         for result in grid:
-            run = run_from_dict(json.loads(result.metrics["path"]))
+            run = SolverRun.from_dict(json.loads(result.metrics["path"]))
             by_r[float(result.config["r"])] = run
         missing = [r for r in rs if float(r) not in by_r]
         if missing:

@@ -26,8 +26,7 @@ from torch import nn
 
 from entk_ray.config import FeatureConfig
 from entk_ray.data.base import Benchmark, TensorLabeledDataset
-from entk_ray.features import make_feature_computer, select_parameters
-from entk_ray.pipeline import Featurizer
+from entk_ray.featurizer import Featurizer
 
 
 def tiny_model(seed: int = 0, width: int = 4, head_seed: int = 0) -> nn.Module:
@@ -50,27 +49,16 @@ def tiny_model(seed: int = 0, width: int = 4, head_seed: int = 0) -> nn.Module:
     return ScalarHeadModel(backbone, feature_dim=2 * width, head_seed=head_seed).eval()
 
 
-class TinyFeaturizer(Featurizer):
-    """:class:`~entk_ray.pipeline.Featurizer` for :func:`tiny_model` (same ``features``/``embeddings``)."""
-
-    def __init__(self, feature_cfg: FeatureConfig, device="cpu", seed: int = 0, width: int = 4, head_seed: int = 0):
-        self.feature_cfg = feature_cfg
-        self.device = torch.device(device)
-        self.model = tiny_model(seed, width, head_seed).to(self.device).eval()
-        self.subset = select_parameters(self.model, feature_cfg.p, feature_cfg.param_seed,
-                                        include_head=feature_cfg.include_head)
-        self.computer = make_feature_computer(self.model, self.subset, feature_cfg.method, feature_cfg.chunk_size)
-
-
 class TinyFeaturizerFactory:
-    """Picklable ``factory(device) -> TinyFeaturizer``."""
+    """Picklable ``factory(device) -> Featurizer`` of :func:`tiny_model`."""
 
     def __init__(self, feature_cfg: FeatureConfig, seed: int = 0, width: int = 4, head_seed: int = 0):
         self.feature_cfg = feature_cfg
         self.seed, self.width, self.head_seed = seed, width, head_seed
 
-    def __call__(self, device="cpu") -> TinyFeaturizer:
-        return TinyFeaturizer(self.feature_cfg, device, self.seed, self.width, self.head_seed)
+    def __call__(self, device=None) -> Featurizer:
+        model = tiny_model(self.seed, self.width, self.head_seed).to(device or "cpu")
+        return Featurizer.from_model(model, self.feature_cfg)
 
     def weights_fingerprint(self) -> str:
         h = hashlib.sha256()

@@ -1,0 +1,49 @@
+"""The linear probe (Kumar et al. protocol): standardization, C chosen on the selection set."""
+import numpy as np
+import pytest
+
+from entk_ray.baselines import linear_probe
+
+
+def blobs(n_per_class=40, classes=3, dim=6, spread=0.6, shift=0.0, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(100).normal(size=(classes, dim)) * 2.0
+    y = np.repeat(np.arange(classes), n_per_class)
+    x = centers[y] + spread * rng.normal(size=(y.size, dim)) + shift
+    return x * scale, y
+
+
+def test_probe_fits_separable_data_and_reports_every_c():
+    x, y = blobs(seed=0)
+    xv, yv = blobs(seed=1)
+    xo, yo = blobs(seed=2, shift=3.0)
+    result = linear_probe(x, y, {"id_val": (xv, yv), "ood:shift": (xo, yo)}, "id_val", [1e-4, 1e-2, 1.0])
+    assert [row["C"] for row in result.sweep] == [1e-4, 1e-2, 1.0]
+    assert all({"C", "id_val", "ood:shift"} == set(row) for row in result.sweep)
+    assert result.accuracy["id_val"] == max(row["id_val"] for row in result.sweep) >= 0.95
+    assert result.accuracy["ood:shift"] < result.accuracy["id_val"]  # the shift costs accuracy
+    chosen = next(row for row in result.sweep if row["C"] == result.c)
+    assert result.accuracy == {"id_val": chosen["id_val"], "ood:shift": chosen["ood:shift"]}
+
+
+def test_ties_pick_the_earliest_c_in_the_grid():
+    x, y = blobs(seed=3, spread=0.1)  # so well separated that every C classifies perfectly
+    xv, yv = blobs(seed=4, spread=0.1)
+    result = linear_probe(x, y, {"id_val": (xv, yv)}, "id_val", [10.0, 0.1, 1.0])
+    assert all(row["id_val"] == 1.0 for row in result.sweep)
+    assert result.c == 0.1  # the grid is swept in increasing C; the first of the tied values wins
+
+
+def test_features_are_standardized_with_train_statistics():
+    # Scaling every feature by 1e4 changes nothing: the probe standardizes with train mean/std.
+    x, y = blobs(seed=5)
+    xv, yv = blobs(seed=6)
+    plain = linear_probe(x, y, {"id_val": (xv, yv)}, "id_val", [1e-3, 1e-1])
+    scaled = linear_probe(x * 1e4, y, {"id_val": (xv * 1e4, yv)}, "id_val", [1e-3, 1e-1])
+    assert [r["id_val"] for r in plain.sweep] == pytest.approx([r["id_val"] for r in scaled.sweep], abs=1e-9)
+
+
+def test_selection_set_must_be_an_evaluation_set():
+    x, y = blobs()
+    with pytest.raises(ValueError, match="select_on='holdout'"):
+        linear_probe(x, y, {"id_val": (x, y)}, "holdout", [1.0])
