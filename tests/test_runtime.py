@@ -86,6 +86,15 @@ def test_local_start_ignores_a_recorded_cluster_and_listens_on_loopback_only(no_
         finally:
             shutdown_ray(connection)
         assert not ray.is_initialized()
+
+        # address="local" (Ray's word for a new instance) ignores even a cluster address in RAY_ADDRESS.
+        monkeypatch.setenv("RAY_ADDRESS", f"{_node_address()}:{_free_port()}")
+        connection = init_ray("local", num_cpus=1, include_dashboard=False, _temp_dir=temp_dir)
+        try:
+            assert connection.mode == "local" and connection.address.startswith("127.0.0.1:")
+            assert "(no dashboard)" in connection.description
+        finally:
+            shutdown_ray(connection)
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
 

@@ -8,6 +8,7 @@
   exception is a GCS address in ``RAY_ADDRESS``: Ray Jobs sets it for every job's entry point, so
   a driver started by ``ray job submit`` joins its cluster. (An ``http://`` ``RAY_ADDRESS`` is the
   Jobs API's, exported for the ``ray job`` commands, and is not joined.)
+* ``"local"`` is the same, ignoring ``RAY_ADDRESS`` too.
 * ``"auto"`` joins the cluster this machine belongs to (on the head after ``ray up``, or inside a
   Ray Job); ``host:port`` joins that GCS; ``ray://host:port`` connects through Ray Client.
 
@@ -97,6 +98,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     env_address = os.environ.get("RAY_ADDRESS") or None
     if env_address and _is_jobs_api_url(env_address):
         env_address = None  # `ray job …`'s dashboard URL (docs/cluster.md), not a cluster to join
+    if address == "local":  # Ray's own word for "a new local instance", whatever RAY_ADDRESS says
+        address = env_address = None
     start = time.perf_counter()
     if address or env_address:
         source = f"--address {address}" if address else f"RAY_ADDRESS={env_address}"
