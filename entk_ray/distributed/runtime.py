@@ -11,6 +11,8 @@
 * ``"local"`` is the same, ignoring ``RAY_ADDRESS`` too.
 * ``"auto"`` joins the cluster this machine belongs to (on the head after ``ray up``, or inside a
   Ray Job); ``host:port`` joins that GCS; ``ray://host:port`` connects through Ray Client.
+  Joining a cluster ships this package with the job (:func:`cluster_runtime_env`), so code changes
+  need no ``ray up`` re-sync.
 
 Before joining, the address is probed with a plain TCP connection (``connect_timeout_s``): an
 address where nothing listens fails in seconds with :class:`RayConnectionError` naming the address
@@ -30,11 +32,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import ray
 
@@ -120,6 +124,39 @@ def describe_cluster() -> str:
     return _describe(started=False, mode="existing", context=None).description
 
 
+def cluster_runtime_env(address: str | None, environ=os.environ, package: Path | None = None) -> dict | None:
+    """The ``runtime_env`` a driver joining a cluster at ``address`` passes to ``ray.init``.
+
+    Ray uploads this package's code with the job and every worker runs it, so a cluster runs the
+    driver's code, whatever copy its nodes were built with (no ``ray up`` re-sync after a change):
+
+    * from a source checkout (``pyproject.toml`` beside the package): the checkout as the job's
+      ``working_dir``, as ``ray job submit --working-dir .`` does (``.git``, ``.venv``,
+      ``results`` and what ``.gitignore`` lists stay behind). Not ``py_modules``: Ray puts the
+      driver's working directory ahead of them on every worker's ``sys.path``, so the stale
+      checkout at the same path on a node (``~/entk_ray`` after ``ray up``) would win. As under
+      Ray Jobs, workers then run in the shipped copy: paths they write must be absolute or remote.
+    * from an installed package: the package as ``py_modules``.
+
+    ``None`` when nothing needs shipping: a local Ray (no ``address``, or ``"local"``), or a Ray
+    Job whose own runtime_env already ships code (the job has it; Ray merges the job's and the
+    driver's runtime_env and refuses a key given twice).
+    """
+    if not address or address == "local":
+        return None
+    job_config = environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job_config:
+        job_env = json.loads(job_config).get("runtime_env") or {}
+        if any(job_env.get(key) for key in ("working_dir", "py_modules", "excludes")):
+            return None
+    package = Path(package) if package is not None else Path(__file__).resolve().parents[1]
+    checkout = package.parent
+    if (checkout / "pyproject.toml").is_file():
+        return {"working_dir": str(checkout),
+                "excludes": ["/.git", "/.venv/", "/results/", "__pycache__/", "*.pyc"]}
+    return {"py_modules": [str(package)], "excludes": ["__pycache__/", "*.pyc"]}
+
+
 def shutdown_ray(started: bool | RayConnection) -> None:
     """``ray.shutdown()`` only if ``started`` (i.e. :func:`init_ray`'s result is truthy)."""
     if started and ray.is_initialized():
@@ -178,6 +215,9 @@ def _join(address: str, source: str, connect_timeout_s: float, kwargs) -> object
     except OSError as exc:
         raise RayConnectionError(_unreachable(source, f"{host}:{port}", f"{type(exc).__name__}: {exc}",
                                               connect_timeout_s)) from exc
+    env = cluster_runtime_env(address)
+    if env and "runtime_env" not in kwargs:
+        kwargs = {**kwargs, "runtime_env": env}
     # Something listens: let Ray connect, with one GCS attempt instead of 20 if it is not a GCS.
     with _env_default("RAY_gcs_server_port_wait_time_s", "1"):
         try:
