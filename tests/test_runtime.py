@@ -78,6 +78,7 @@ def test_local_start_ignores_a_recorded_cluster_and_listens_on_loopback_only(no_
             assert "started a local instance at 127.0.0.1:" in line and "1 node, 1 CPU, 0 GPUs" in line, line
             assert "\n" not in line
             assert elapsed < 90, f"local start took {elapsed:.0f}s"
+            assert not ray.get_runtime_context().runtime_env.get("working_dir")  # nothing to ship locally
 
             listening = _listening_addresses_of_this_process_tree()
             assert listening, "found no listening socket of the Ray processes"
@@ -113,6 +114,8 @@ def test_joins_a_given_cluster_and_describes_it(no_ray):
             assert connection.address == cluster.address
             assert f"joined the cluster at {cluster.address}" in connection.description
             assert "(no dashboard)" in connection.description
+            # Joining ships this source checkout with the job (cluster_runtime_env).
+            assert ray.get_runtime_context().runtime_env.get("working_dir")
 
             # Already connected: used as is, reported, and not ours to shut down.
             again = init_ray(None)
@@ -123,6 +126,15 @@ def test_joins_a_given_cluster_and_describes_it(no_ray):
         finally:
             shutdown_ray(connection)
         assert not ray.is_initialized()
+
+        # The caller's own runtime_env wins over the shipped checkout.
+        connection = init_ray(cluster.address, runtime_env={"env_vars": {"ENTK_RUNTIME_TEST": "1"}})
+        try:
+            runtime_env = ray.get_runtime_context().runtime_env
+            assert runtime_env.get("env_vars") == {"ENTK_RUNTIME_TEST": "1"}
+            assert not runtime_env.get("working_dir")
+        finally:
+            shutdown_ray(connection)
     finally:
         cluster.shutdown()
 
