@@ -142,11 +142,28 @@ def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
     result = RunResult(rows, runs, probe, problem.select_on, timings, fingerprint, sizes)
     from entk_ray.report import write_results
 
+    span = span_analysis(cfg, problem, ks, early, log)
     result.paths = write_results(cfg.store.out_dir, rows, runs, problem.select_on, "id_val", extra={
         "benchmark": benchmark.name, "split_sizes": sizes, "timings": timings, "fingerprint": fingerprint,
         "subset_fingerprint": ks.subset_fingerprint, "probe_sweep": probe.sweep, "config": cfg.to_dict(),
-        "backend": backend.name})
+        "backend": backend.name, "span": span})
     return result
+
+
+def span_analysis(cfg: Config, problem: KernelProblem, ks: KernelSet, early: Choice,
+                  log: Callable[[str], None] = print) -> dict | None:
+    """The out-of-span analysis and the kernel spectrum (``span.json``, ``span.png``,
+    ``spectrum.png``) for the early-stopping model, when the backend gave ‖φ(x)‖² of the
+    evaluation sets (``entk_ray.span``)."""
+    from entk_ray.span import format_span_line, write_span_analysis
+
+    if not ks.eval_diagonals:
+        log("span analysis skipped: the kernels came without the evaluation features' norms")
+        return None
+    summary = write_span_analysis(cfg.store.out_dir, problem, ks.eval_diagonals, early.r, early.step,
+                                  momentum=cfg.solver.momentum)
+    log(format_span_line(summary))
+    return summary
 
 
 def run_linear_probe(cfg: Config, benchmark: Benchmark, ks: KernelSet, problem: KernelProblem) -> ProbeResult:
