@@ -507,6 +507,7 @@ def run_ablation(grid: AblationGrid, logger: Callable[[str], None] = print,
     else:
         probe = linear_probe_reference(cfg, setup)
         group_infos, cells = run_local(cfg, groups, grid.seed_varies, logger, setup)
+    cells.sort(key=lambda c: (grid.maps.index(c["spec"]), c["p"], grid.seeds.index(c["seed"])))
     rows = summarize(cells, eval_names, grid.bootstrap, grid.confidence)
     wall = time.perf_counter() - start
     out = Path(grid.out_dir)

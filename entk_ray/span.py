@@ -30,7 +30,7 @@ import numpy as np
 
 from entk_ray.solvers import KernelProblem, Spectrum, SpectralSolver
 
-EPSILON_RS = (1e-8, 1e-6, 1e-4, 1e-2)  # ε = r_ε · tr(K)/n, the values whose effect is reported
+EPSILON_RS = (1e-8, 1e-6, 1e-4, 1e-2, 1.0)  # ε = r_ε · tr(K)/n, the values whose effect is reported
 PRIMARY_EPSILON_R = 1e-6
 BINS = 5
 
