@@ -241,7 +241,7 @@ class _KernelStage:
             raise RuntimeError(f"no embeddings for splits {missing}")
         train = self.assembler.kernels[TRAIN]
         evals = {name: self.assembler.kernels[name] for name in self.eval_names}
-        diagonals = self._diagonals()
+        diagonals = self._diagonals() or _load_diagonals(self.ns, self.eval_names)
         if self.ns is not None:
             start = time.perf_counter()
             for name, values in diagonals.items():
