@@ -390,13 +390,13 @@ def compute_features(computer: FeatureComputer, dataset, indices: Iterable[int] 
                      batch_size: int = 32, storage_dtype: str = "float32", num_workers: int = 0,
                      progress: bool = False, desc: str = "features") -> torch.Tensor:
     """Φ for (a shard of) a dataset, on the CPU, in ``storage_dtype`` (computed in float32)."""
-    from tqdm.auto import tqdm
+    from entk_ray.progress import progress_bar
 
     dtype = STORAGE_DTYPES[storage_dtype]
     total = len(indices) if indices is not None and hasattr(indices, "__len__") else len(dataset)
     out = torch.empty((total, computer.subset.p), dtype=dtype)
     row = 0
-    with tqdm(total=total, desc=desc, unit="ex", disable=not progress, leave=False) as bar:
+    with progress_bar(total=total, desc=desc, unit="ex", enabled=progress) as bar:
         for images in iterate_batches(dataset, indices, batch_size, num_workers):
             phi = computer(images)
             out[row:row + phi.shape[0]] = phi.to("cpu", dtype)
