@@ -44,7 +44,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_sets: dict[str, 
     clf = LogisticRegression(max_iter=max_iter, warm_start=True)
     sweep, predictions = [], []
     grid = sorted(float(c) for c in c_grid)
-    with progress_bar(total=len(grid), desc="linear probe", unit="C", enabled=progress) as bar:
+    with progress_bar(total=len(grid), desc="linear probe", unit="C", enabled=progress, rate=False) as bar:
         for c in grid:
             clf.set_params(C=c)
             with warnings.catch_warnings():

@@ -344,7 +344,7 @@ def plot_accuracy_vs_step(runs: Sequence[SolverRun], chosen: dict, path: Path, *
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Accuracy during training at the chosen β = {run.beta:.3g} (r = {run.r:.3g})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
