@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 
 from entk_ray.config import Config, ConfigError
+from entk_ray.progress import plain_ray_logs
 
 # option name -> (config path, type, help); the default shown in --help is read from the config
 COMMON_OPTIONS = {
@@ -218,6 +219,7 @@ LIVING17_DESCRIPTION = (
 
 def demo_main(argv: Sequence[str] | None = None) -> int:
     """The CPU quick-start (``scripts/run_demo.py``, ``entk-demo``): EfficientNet-Lite0 on MNIST → optdigits."""
+    plain_ray_logs()
     return run_cli(argv, DEMO_DESCRIPTION, demo_config())
 
 
@@ -225,6 +227,7 @@ def living17_main(argv: Sequence[str] | None = None) -> int:
     """The headline benchmark: BREEDS Living-17 on ImageNet (or any image-folder dataset)."""
     from entk_ray.report import LIVING17_REFERENCE
 
+    plain_ray_logs()
     parser_args = list(sys.argv[1:] if argv is None else argv)
     base = living17_config()
     # Which benchmark, to decide on the reference rows; no --help here, so run_cli's parser prints it.

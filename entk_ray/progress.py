@@ -3,12 +3,14 @@
 tqdm redraws its bar with carriage returns and ANSI escape codes; in a file (``nohup``, ``ray job
 logs``, CI) that is noise. :func:`progress_bar` returns a tqdm bar only when the stream is a
 terminal; otherwise a :class:`LineProgress` that writes one plain line at every tenth of the work
-(and at the end). :func:`progress_enabled` turns all of it off for a block (``--quiet``).
+(and at the end). :func:`progress_enabled` turns all of it off for a block (``--quiet``), and
+:func:`plain_ray_logs` keeps Ray's relayed worker lines free of colour codes in a log file.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -25,6 +27,13 @@ def progress_enabled(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _ENABLED.reset(token)
+
+
+def plain_ray_logs(stream: TextIO | None = None) -> None:
+    """When ``stream`` (stderr) is not a terminal, ask Ray not to colour the worker lines it relays
+    to the driver (``RAY_COLOR_PREFIX=0``, read as each line is printed); an explicit setting wins."""
+    if not is_terminal(stream if stream is not None else sys.stderr):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def is_terminal(stream: TextIO) -> bool:
@@ -108,7 +117,7 @@ class LineProgress:
         elapsed = time.perf_counter() - self.start
         count = f"{self.n}/{self.total}" if self.total else f"{self.n}"
         share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
-        rate = f", {self.n / elapsed:.1f} {self.unit}/s" if self.rate and elapsed > 0 else ""
+        rate = f", {self.n / elapsed:.3g} {self.unit}/s" if self.rate and elapsed > 0 else ""
         postfix = f", {self.postfix}" if self.postfix else ""
         self.stream.write(f"{self.desc}: {count} {self.unit}{share}{rate}, {elapsed:.0f}s{postfix}\n")
         self.stream.flush()

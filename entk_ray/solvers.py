@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
@@ -701,7 +701,8 @@ class Choice:
     accuracy: dict[str, float]
     converged: bool | None = None
     tied: int = 1
-    selection_loss: float | None = None
+    # the loss is round-off-sensitive (BLAS, thread count): equal choices are the same point
+    selection_loss: float | None = field(default=None, compare=False)
 
 
 def choose_early_stopping(runs: Sequence[SolverRun], select_on: str) -> Choice:
