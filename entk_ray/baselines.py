@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 
 
@@ -52,7 +51,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_sets: dict[str, 
                 clf.fit(xs, train_y)
             predicted = {k: clf.predict(x) for k, (x, _y) in evals.items()}
             x_sel, y_sel = evals[select_on]
-            loss = float(log_loss(y_sel, clf.predict_proba(x_sel), labels=clf.classes_))
+            loss = cross_entropy(clf.predict_proba(x_sel), clf.classes_, y_sel)
             sweep.append({"C": c, **{k: float(np.mean(predicted[k] == y)) for k, (_x, y) in evals.items()},
                           "selection_loss": loss})
             predictions.append(predicted)
@@ -63,3 +62,11 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_sets: dict[str, 
     best = min(tied, key=lambda i: sweep[i]["selection_loss"])  # first of equal losses: the smallest C
     return ProbeResult(c=sweep[best]["C"], accuracy={k: sweep[best][k] for k in eval_sets}, sweep=sweep,
                        predictions=predictions[best], tied=len(tied))
+
+
+def cross_entropy(proba: np.ndarray, classes: np.ndarray, labels: np.ndarray, eps: float = 1e-15) -> float:
+    """Mean −log p(label) with p clipped at ``eps``; a label the training set never showed (a
+    small training subset may miss a class) has p = 0, so it costs −log eps rather than failing."""
+    column = {int(c): i for i, c in enumerate(classes)}
+    p = np.array([proba[i, column[int(y)]] if int(y) in column else 0.0 for i, y in enumerate(labels)])
+    return float(-np.mean(np.log(np.clip(p, eps, 1.0))))

@@ -76,6 +76,7 @@ NONE_MEANS = {
     "ray.num_workers": "one per GPU, else one per CPU slot",
     "store.artifact_store": "<out>/artifacts",
     "data.imagenet_root": "none (required for the BREEDS benchmarks)",
+    "data.index_cache": "$ENTK_RAY_CACHE/index or ~/.cache/entk_ray/index for ImageNet; image folders: no cache",
 }
 
 GLOSSARY = """\

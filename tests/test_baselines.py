@@ -103,3 +103,15 @@ def test_line_progress_prints_each_tenth_once_and_stays_silent_when_disabled(cap
     import os
 
     assert os.environ["RAY_COLOR_PREFIX"] == "0"
+
+
+def test_cross_entropy_matches_sklearn_and_survives_a_class_missing_from_training():
+    from sklearn.metrics import log_loss
+
+    from entk_ray.baselines import cross_entropy
+
+    proba = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3]])
+    classes, labels = np.array([0, 2, 5]), np.array([0, 5, 2])
+    assert cross_entropy(proba, classes, labels) == pytest.approx(log_loss(labels, proba, labels=classes), rel=1e-12)
+    unseen = cross_entropy(proba, classes, np.array([0, 5, 3]))  # class 3 was never trained on
+    assert unseen == pytest.approx((-np.log(0.7) - np.log(0.8) - np.log(1e-15)) / 3, rel=1e-12)

@@ -85,5 +85,5 @@ def test_demo_cli_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     for method in ("Linear probing", "eNTK (early stopping)", "eNTK (converged)"):
         assert method in out
-    assert "| Method | ID | OOD |" in out
+    assert "| Method | ID | ID 95% CI | OOD | OOD 95% CI |" in out
     assert (tmp_path / "results.json").exists()
