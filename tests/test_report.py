@@ -99,6 +99,11 @@ def test_intervals_go_into_every_table_format(tmp_path):
     wrong = {"id_val": labels == 0}  # accuracy 0.25, not the row's 0.75
     with pytest.raises(ValueError, match="accuracy 0.250000, the table says 0.750000"):
         add_intervals(dict(row), wrong, "id_val", 200, seed=1)
+    one_off = {"id_val": np.arange(40) % 4 != 0}
+    one_off["id_val"][0] = True  # 31 of 40 right, the table says 30: within one example of slack only
+    with pytest.raises(ValueError, match="the table says"):
+        add_intervals(dict(row), one_off, "id_val", 200, seed=1)
+    assert add_intervals(dict(row), one_off, "id_val", 200, seed=1, tolerance_examples=1)["id_ci"]
 
 
 def test_results_md_opens_with_a_title_and_the_run_context(tmp_path):
