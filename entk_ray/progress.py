@@ -9,24 +9,26 @@ terminal; otherwise a :class:`LineProgress` that writes one plain line at every 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
-_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("entk_ray_progress", default=True)
+# A process-wide switch, not a context variable: the Tune sweep's searcher runs the telescopic
+# search on its own thread, which must stay quiet under --quiet too.
+_ENABLED = [True]
 
 
 @contextlib.contextmanager
 def progress_enabled(enabled: bool) -> Iterator[None]:
-    """Within the block, :func:`progress_bar` shows nothing when ``enabled`` is False."""
-    token = _ENABLED.set(bool(enabled) and _ENABLED.get())
+    """Within the block, :func:`progress_bar` shows nothing (in any thread) when ``enabled`` is False."""
+    previous = _ENABLED[0]
+    _ENABLED[0] = bool(enabled) and previous
     try:
         yield
     finally:
-        _ENABLED.reset(token)
+        _ENABLED[0] = previous
 
 
 def plain_ray_logs(stream: TextIO | None = None) -> None:
@@ -54,7 +56,7 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, 
     stream = stream if stream is not None else sys.stderr
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)
-    if not (enabled and _ENABLED.get()):
+    if not (enabled and _ENABLED[0]):
         return tqdm(iterable, total=total, disable=True)
     if is_terminal(stream):
         return tqdm(iterable, total=total, desc=desc, unit=unit, file=stream, leave=leave)

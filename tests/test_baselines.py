@@ -80,31 +80,6 @@ def test_selection_set_must_be_an_evaluation_set():
         linear_probe(x, y, {"id_val": (x, y)}, "holdout", [1.0])
 
 
-def test_line_progress_prints_each_tenth_once_and_stays_silent_when_disabled(capsys, monkeypatch):
-    import io
-
-    from entk_ray.progress import LineProgress, plain_ray_logs, progress_bar, progress_enabled
-
-    stream = io.StringIO()
-    with progress_bar(total=1000, desc="features train", unit="ex", stream=stream) as bar:
-        assert isinstance(bar, LineProgress)  # a StringIO is not a terminal
-        for _ in range(100):
-            bar.update(10)
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 10 and lines[-1].startswith("features train: 1000/1000 ex (100%)")
-    with progress_enabled(False):
-        quiet = io.StringIO()
-        with progress_bar(total=5, desc="x", stream=quiet) as bar:
-            bar.update(5)
-        assert quiet.getvalue() == ""
-    monkeypatch.setenv("RAY_COLOR_PREFIX", "unset below")  # so that monkeypatch restores the original
-    monkeypatch.delenv("RAY_COLOR_PREFIX")
-    plain_ray_logs(io.StringIO())
-    import os
-
-    assert os.environ["RAY_COLOR_PREFIX"] == "0"
-
-
 def test_cross_entropy_matches_sklearn_and_survives_a_class_missing_from_training():
     from sklearn.metrics import log_loss
 
