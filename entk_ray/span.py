@@ -79,13 +79,11 @@ def spectrum_summary(eigenvalues: np.ndarray) -> dict:
             "components_for_99pct": int(np.searchsorted(cumulative, 0.99) + 1)}
 
 
-def predictions(spectrum: Spectrum, r: float, step: int, tol: float = 0.0,
+def predictions(spectrum: Spectrum, r: float, step: int, tol: float = 1e-6,
                 momentum: str = "strongly_convex") -> dict[str, np.ndarray]:
     """argmax_c (K_e α_t)_c of every evaluation set for the NAG iterate at (r, step) (spectral path)."""
-    solver = SpectralSolver(spectrum)
-    _, _, coefs, _, _ = solver.coefficients(r, max_steps=int(step), eval_every=int(step), tol=tol, momentum=momentum)
-    weights = coefs[-1][:, None] * spectrum.c
-    return {name: np.argmax(proj @ weights, axis=1) for name, proj in spectrum.projected.items()}
+    scores = SpectralSolver(spectrum).scores_at(r, int(step), tol, momentum)
+    return {name: np.argmax(s, axis=1) for name, s in scores.items()}
 
 
 def analyze(fractions: Mapping[str, np.ndarray], correct: Mapping[str, np.ndarray], bins: int = BINS) -> dict:
