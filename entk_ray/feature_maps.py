@@ -37,7 +37,6 @@ from __future__ import annotations
 import abc
 import hashlib
 import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -428,11 +427,3 @@ def map_from_config(model: nn.Module, feature_cfg) -> FeatureMap:
     ``include_head``)."""
     return build_feature_map(model, getattr(feature_cfg, "map", "uniform"), feature_cfg.p, feature_cfg.param_seed,
                              include_head=feature_cfg.include_head)
-
-
-_SPEC_SAFE = re.compile(r"[^A-Za-z0-9_]+")
-
-
-def spec_slug(spec: str) -> str:
-    """A file-name-safe form of a map spec (``last_blocks:2`` → ``last_blocks_2``)."""
-    return _SPEC_SAFE.sub("_", str(spec))

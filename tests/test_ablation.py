@@ -4,11 +4,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from entk_ray import kernels as kern
-from entk_ray.ablation import (AblationGrid, Group, compute_group, group_cells, run_ablation, solve_cell,
-                               summarize)
+from entk_ray.ablation import AblationGrid, Group, compute_group, group_cells, run_ablation, summarize
 from entk_ray.config import ConfigError
 from entk_ray.distributed.testing import TinyAblationSetup
 from entk_ray.features import compute_features

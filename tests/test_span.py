@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from entk_ray.solvers import Spectrum, make_problem
-from entk_ray.span import (analyze, effective_ranks, run_span_analysis, span_fractions, span_fractions_direct,
-                           write_span_analysis)
+from entk_ray.span import analyze, effective_ranks, span_fractions, span_fractions_direct, write_span_analysis
 
 
 def features(n=20, m=15, p=60, seed=0):
