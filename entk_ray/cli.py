@@ -41,6 +41,8 @@ COMMON_OPTIONS = {
     "--shard-size": ("ray.shard_size", int, "examples per feature shard"),
     "--block-gpus": ("ray.block_gpus", float, "fractional GPU per kernel-block task (0: CPU)"),
     "--artifact-store": ("store.artifact_store", str, "folder or s3:// URI for reusable artifacts"),
+    "--baselines": ("finetune.baselines", str, "trained baselines to add, comma-separated: ft (fine-tuning), lpft "
+                    "(LP-FT), scratch (from scratch); off by default (finetune.* sets epochs, lr_grid, batch_size)"),
 }
 
 

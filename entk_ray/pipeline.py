@@ -68,6 +68,7 @@ class RunResult:
     fingerprint: str
     split_sizes: dict[str, int]
     paths: dict[str, Path] = field(default_factory=dict)
+    trained: dict = field(default_factory=dict)  # method → entk_ray.finetune.BaselineResult
 
 
 def _row(choice: Choice, id_name: str, oods: list[str]) -> dict:
@@ -87,8 +88,12 @@ def make_backend(cfg: Config) -> Backend:
 
 
 def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
-        log: Callable[[str], None] = print, reference_rows: list[dict] | None = None) -> RunResult:
-    """Run the whole method and write the report into ``cfg.store.out_dir``."""
+        log: Callable[[str], None] = print, reference_rows: list[dict] | None = None,
+        classifier_factory=None) -> RunResult:
+    """Run the whole method and write the report into ``cfg.store.out_dir``.
+
+    ``classifier_factory`` builds the networks of the trained baselines (``cfg.finetune.baselines``;
+    default: the configured backbone, see ``entk_ray.finetune``)."""
     cfg.validate()
     t0 = time.perf_counter()
     benchmark = build_benchmark(cfg)
@@ -133,19 +138,32 @@ def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
                  "ood": {n.removeprefix("ood:"): probe.accuracy[n] for n in oods}, "C": probe.c,
                  "source": "measured"}
     rows = list(reference_rows or []) + [probe_row, _row(early, "id_val", oods), _row(converged, "id_val", oods)]
-    timings["total_s"] = time.perf_counter() - t0
 
     from entk_ray.models import weights_fingerprint
 
     fingerprint = run_fingerprint(cfg, benchmark, ks.subset_fingerprint,
                                   weights_fingerprint(cfg.model, cfg.storage_options))
-    result = RunResult(rows, runs, probe, problem.select_on, timings, fingerprint, sizes)
+    trained = {}
+    if cfg.finetune.baselines:  # fine-tuning, LP-FT, from scratch (entk_ray.finetune)
+        from entk_ray.finetune import run_baselines
+
+        start = time.perf_counter()
+        trained = run_baselines(cfg, benchmark, probe, problem.select_on, fingerprint, log=log,
+                                factory=classifier_factory)
+        timings["finetune_s"] = time.perf_counter() - start
+        rows += [baseline.row() for baseline in trained.values()]
+    timings["total_s"] = time.perf_counter() - t0
+    result = RunResult(rows, runs, probe, problem.select_on, timings, fingerprint, sizes, trained=trained)
     from entk_ray.report import write_results
 
     result.paths = write_results(cfg.store.out_dir, rows, runs, problem.select_on, "id_val", extra={
         "benchmark": benchmark.name, "split_sizes": sizes, "timings": timings, "fingerprint": fingerprint,
         "subset_fingerprint": ks.subset_fingerprint, "probe_sweep": probe.sweep, "config": cfg.to_dict(),
-        "backend": backend.name})
+        "backend": backend.name, **({"trained": {m: r.to_dict() for m, r in trained.items()}} if trained else {})})
+    if trained:
+        from entk_ray.report_training import write_training
+
+        result.paths.update(write_training(cfg.store.out_dir, trained, runs, rows, probe.accuracy))
     return result
 
 

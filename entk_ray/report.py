@@ -48,26 +48,37 @@ def _num(value: Any) -> str:
     return str(value)
 
 
+#: Hyper-parameter columns of trained baselines (entk_ray.finetune), shown only when a row has them.
+TRAINING_COLUMNS = {"lr": "lr", "epoch": "epoch"}
+
+
+def training_keys(rows: Sequence[dict]) -> list[str]:
+    return [key for key in TRAINING_COLUMNS if any(key in row for row in rows)]
+
+
 def table_columns(rows: Sequence[dict]) -> list[str]:
     oods = ood_names(rows)
     ood_cols = ["OOD"] if len(oods) <= 1 else [f"OOD {n}" for n in oods]
-    return ["Method", "ID", *ood_cols, "r", "β", "step", "C", "source"]
+    return ["Method", "ID", *ood_cols, "r", "β", "step", "C",
+            *(TRAINING_COLUMNS[k] for k in training_keys(rows)), "source"]
 
 
-def table_cells(row: dict, oods: list[str]) -> list[str]:
+def table_cells(row: dict, oods: list[str], training: Sequence[str] = ()) -> list[str]:
     ood_cells = [_pct(row.get("ood", {}).get(n, row.get("ood_acc") if len(oods) <= 1 else None)) for n in oods] \
         if oods else [_pct(row.get("ood_acc"))]
     return [row["method"], _pct(row.get("id_acc")), *ood_cells, _num(row.get("r")), _num(row.get("beta")),
-            _num(row.get("step")), _num(row.get("C")), row.get("source", "measured")]
+            _num(row.get("step")), _num(row.get("C")), *(_num(row.get(k)) for k in training),
+            row.get("source", "measured")]
 
 
 def format_table(rows: Sequence[dict]) -> str:
     """A Markdown table; reference rows are marked by their ``source``."""
     oods = ood_names(rows)
     header = table_columns(rows)
+    training = training_keys(rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join(table_cells(row, oods)) + " |")
+        lines.append("| " + " | ".join(table_cells(row, oods, training)) + " |")
     return "\n".join(lines)
 
 
@@ -85,12 +96,13 @@ def write_results(out_dir: str | Path, rows: Sequence[dict], runs: Sequence[Solv
         writer = csv.writer(fh)
         oods = ood_names(rows)
         ood_header = [f"ood_acc:{n}" for n in oods] or ["ood_acc"]
-        writer.writerow(["method", "id_acc", *ood_header, "r", "beta", "step", "C", "converged", "source"])
+        training = training_keys(rows)
+        writer.writerow(["method", "id_acc", *ood_header, "r", "beta", "step", "C", "converged", *training, "source"])
         for row in rows:
             ood_vals = [row.get("ood", {}).get(n, "") for n in oods] or [row.get("ood_acc", "")]
             writer.writerow([row["method"], row.get("id_acc", ""), *ood_vals, row.get("r", ""), row.get("beta", ""),
                              row.get("step", ""), row.get("C", ""), row.get("converged", ""),
-                             row.get("source", "measured")])
+                             *(row.get(k, "") for k in training), row.get("source", "measured")])
     paths["results.md"].write_text(format_table(rows) + "\n")
     if points:
         with open(paths["sweep.csv"], "w", newline="") as fh:

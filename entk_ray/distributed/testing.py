@@ -13,6 +13,8 @@ from a seeded generator, so a driver and any actor build bitwise-identical copie
 * :func:`tiny_benchmark` — a few classes of noisy prototypes (ID) and shifted, noisier copies (OOD).
 * :class:`CrashOnceFactory` — wraps a factory so the process computing one chosen shard exits
   mid-shard (once per marker file): a real crash for fault-tolerance tests.
+* :class:`TinyClassifierFactory` / :class:`CrashOnceClassifierFactory` — the same for the trained
+  baselines (``entk_ray.finetune``): a tiny classifier, and one whose training process exits once.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from torch import nn
 from entk_ray.config import FeatureConfig
 from entk_ray.data.base import Benchmark, TensorLabeledDataset
 from entk_ray.featurizer import Featurizer
+from entk_ray.finetune import ClassifierFactory
 
 
 def tiny_model(seed: int = 0, width: int = 4, head_seed: int = 0) -> nn.Module:
@@ -118,3 +121,64 @@ class CrashOnceFactory:
 
     def weights_fingerprint(self) -> str:
         return self.inner.weights_fingerprint()
+
+
+# --------------------------------------------------------------------------------------------
+# trained baselines (entk_ray.finetune)
+
+
+class TinyClassifierFactory(ClassifierFactory):
+    """``ClassifierFactory`` over the tiny CNN: "pretrained" = :func:`tiny_model`'s backbone with
+    ``seed``; random = the same architecture drawn from the trial's seed. ``norm="group"`` uses
+    GroupNorm instead of BatchNorm: per-example statistics, so DDP workers on CPUs (no SyncBatchNorm
+    there) take exactly one worker's steps."""
+
+    def __init__(self, seed: int = 0, width: int = 4, norm: str = "batch"):
+        if norm not in ("batch", "group"):
+            raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
+        self.seed, self.width, self.norm = seed, width, norm
+
+    def _backbone(self, seed: int) -> nn.Module:
+        if self.norm == "batch":
+            return tiny_model(seed, self.width).backbone
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return nn.Sequential(nn.Conv2d(3, self.width, 3, padding=1), nn.GroupNorm(1, self.width), nn.ReLU(),
+                                 nn.Conv2d(self.width, 2 * self.width, 3, stride=2, padding=1),
+                                 nn.GroupNorm(1, 2 * self.width), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def pretrained_backbone(self):
+        return self._backbone(self.seed), 2 * self.width
+
+    def random_backbone(self, seed: int):
+        return self._backbone(10_000 + seed), 2 * self.width
+
+    def fingerprint(self) -> str:
+        return f"tiny-{self.seed}-{self.width}-{self.norm}"
+
+
+class CrashOnceClassifierFactory:
+    """Wraps a classifier factory: the process whose model takes training step ``after_steps + 1``
+    exits (``os._exit``) unless ``marker`` exists; it creates the marker first, so a resumed run
+    trains normally. A real crash of a Ray Train worker, for the resume test."""
+
+    def __init__(self, inner, marker: str | os.PathLike, after_steps: int):
+        self.inner, self.marker, self.after_steps = inner, str(marker), int(after_steps)
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+    def __call__(self, method, num_classes, head=None, seed=0):
+        model = self.inner(method, num_classes, head, seed)
+        steps = [0]
+        marker, after = self.marker, self.after_steps
+
+        def count(module, _args):
+            if module.training:
+                steps[0] += 1
+                if steps[0] > after and not os.path.exists(marker):
+                    Path(marker).write_text(str(os.getpid()))
+                    os._exit(1)
+
+        model.register_forward_pre_hook(count)
+        return model

@@ -1,0 +1,73 @@
+"""Trained baselines on Ray Train and Tune: DDP workers, checkpoints in the store, resume after a crash."""
+import numpy as np
+import pytest
+import ray
+import torch
+
+from entk_ray.config import Config
+from entk_ray.data.augment import training_set
+from entk_ray.distributed.testing import CrashOnceClassifierFactory, TinyClassifierFactory, tiny_benchmark
+from entk_ray.distributed.train import TrialScaling, fit_trial, ray_baselines, trainer_storage
+from entk_ray.finetune import TrainSettings, TrialInputs, run_trial
+from entk_ray.store import ArtifactStore
+
+CPU = torch.device("cpu")
+
+
+def inputs_for(factory):
+    b = tiny_benchmark()
+    return TrialInputs(factory, training_set(b.train), dict(b.eval_sets()), b.num_classes, "id_val")
+
+
+def assert_same_history(got, want):
+    """One worker in this process vs Ray Train workers: the same steps in float32, summed in another
+    order across a gloo all-reduce, so losses agree to 1e-5 relative and accuracies exactly up to
+    one evaluation example (1/48)."""
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
+    for a, b in zip(got[1:], want[1:]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        for name in b["accuracy"]:
+            assert abs(a["accuracy"][name] - b["accuracy"][name]) <= 1 / 48 + 1e-12, (name, a, b)
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9, abs=1e-12)
+
+
+def test_two_ddp_workers_take_the_steps_of_one_worker(ray_local, tmp_path):
+    # GroupNorm: CPU workers have no SyncBatchNorm, and per-worker batch statistics would differ
+    inputs = inputs_for(TinyClassifierFactory(norm="group"))
+    settings = TrainSettings(epochs=2, batch_size=16, seed=1)
+    one = run_trial(inputs, "ft", 0.5, settings, CPU)
+    two = fit_trial(ray.put(inputs), "ft", 0.5, settings, TrialScaling(num_workers=2, cpus_per_worker=1.0),
+                    trainer_storage(str(tmp_path)), "lr-0.5")
+    assert_same_history(two.history, one)
+    assert one[-1]["train_loss"] < one[1]["train_loss"]  # it trained: the comparison is not vacuous
+    assert two.resumed_from_epoch is None
+
+
+def test_a_crashed_sweep_resumes_from_its_checkpoints_and_ends_as_an_uninterrupted_one(ray_local, tmp_path):
+    lrs = [0.05, 0.5]
+    cfg = Config().with_overrides([
+        "finetune.baselines=[ft]", "finetune.epochs=3", "finetune.batch_size=16", f"finetune.lr_grid={lrs}",
+        "finetune.seed=2", "finetune.use_gpu=false", f"store.out_dir={tmp_path / 'out'}"])
+    plain = TinyClassifierFactory()
+    # the first trial to reach its 13th step (epoch 3, after two checkpointed epochs) exits
+    crashing = inputs_for(CrashOnceClassifierFactory(plain, tmp_path / "crashed", after_steps=12))
+    store = ArtifactStore(str(tmp_path / "store"))
+    with pytest.raises(RuntimeError, match="rerun the same command to resume"):
+        ray_baselines(cfg, crashing, "fp-test", log=lambda _msg: None, store=store)
+    assert (tmp_path / "crashed").exists()
+    ns = store.namespace("fp-test")
+    finished = ns.keys("finetune/results")
+    assert len(finished) <= 1  # the other trial, unless it was queued behind the crash
+    assert any((tmp_path / "store" / "fp-test" / "finetune" / "checkpoints").rglob("state.pt"))
+
+    result = ray_baselines(cfg, crashing, "fp-test", log=lambda _msg: None, store=store)["ft"]
+    resumed = [t for t in result.trials if t.resumed_from_epoch]
+    assert len(resumed) == 1 and resumed[0].resumed_from_epoch in (1, 2)
+    settings = TrainSettings.from_config(cfg.finetune)
+    for trial in result.trials:
+        assert_same_history(trial.history, run_trial(inputs_for(plain), "ft", trial.lr, settings, CPU))
+    assert len(ns.keys("finetune/results")) == 2
+    # a third run trains nothing: every history is in the store
+    again = ray_baselines(cfg, inputs_for(plain), "fp-test", log=lambda _msg: None, store=store)["ft"]
+    assert [t.history for t in again.trials] == [t.history for t in result.trials]
+    assert np.isfinite(again.row()["id_acc"])
