@@ -150,8 +150,8 @@ class FinetuneConfig:
     eval_batch_size: int = 256
     num_workers: int = 1  # Ray Train workers (DDP) per trial; trials run side by side on the rest
     use_gpu: bool | None = None  # None: when the Ray cluster has GPUs
-    cpus_per_worker: float = 1.0
-    loader_workers: int = 0  # DataLoader processes per training worker (decoding image files)
+    cpus_per_worker: float = 1.0  # on GPUs give each worker CPUs to decode images, e.g. 8–12
+    loader_workers: int | None = None  # DataLoader processes per training worker; None: cpus_per_worker − 1
     max_concurrent: int | None = None  # trials at once; None: as many as the cluster holds
     max_failures: int = 0  # worker-group restarts per trial, each from the last checkpoint
 
@@ -348,7 +348,8 @@ class Config:
         if not isinstance(ft.cpus_per_worker, (int, float)) or isinstance(ft.cpus_per_worker, bool) \
                 or not ft.cpus_per_worker > 0:
             raise ConfigError(f"finetune.cpus_per_worker must be a positive number, got {ft.cpus_per_worker!r}")
-        _int("finetune.loader_workers", ft.loader_workers, minimum=0, what="a non-negative integer")
+        if ft.loader_workers is not None:
+            _int("finetune.loader_workers", ft.loader_workers, minimum=0, what="a non-negative integer or null")
         if ft.max_concurrent is not None:
             _int("finetune.max_concurrent", ft.max_concurrent, minimum=1, what="a positive integer or null")
         _int("finetune.max_failures", ft.max_failures, minimum=-1, what="an integer ≥ -1 (-1: retry forever)")

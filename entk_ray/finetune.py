@@ -74,8 +74,9 @@ class TrainSettings:
 
     @classmethod
     def from_config(cls, ft: FinetuneConfig) -> "TrainSettings":
+        loaders = ft.loader_workers if ft.loader_workers is not None else max(0, int(ft.cpus_per_worker) - 1)
         return cls(ft.epochs, ft.batch_size, float(ft.momentum), float(ft.weight_decay), ft.seed, ft.precision,
-                   ft.channels_last, ft.sync_batchnorm, ft.eval_batch_size, ft.loader_workers)
+                   ft.channels_last, ft.sync_batchnorm, ft.eval_batch_size, loaders)
 
     def numerics(self) -> dict[str, Any]:
         """The settings that change the numbers (not the DataLoader processes)."""
@@ -301,7 +302,7 @@ def _shard(n: int, rank: int, world: int) -> range:
 @torch.no_grad()
 def evaluate(model: nn.Module, evals: dict[str, Dataset], device: torch.device, *, batch_size: int = 256,
              autocast: torch.dtype | None = None, channels_last: bool = False, rank: int = 0,
-             world: int = 1) -> dict[str, float]:
+             world: int = 1, num_workers: int = 0) -> dict[str, float]:
     """Accuracy of ``argmax logits`` on every set, with the model in eval mode.
 
     With ``world > 1`` each worker scores examples ``rank, rank + world, …`` and the correct counts
@@ -312,7 +313,8 @@ def evaluate(model: nn.Module, evals: dict[str, Dataset], device: torch.device, 
     counts = torch.zeros(2 * len(evals), dtype=torch.float64)
     for i, (name, dataset) in enumerate(evals.items()):
         indices = list(_shard(len(dataset), rank, world))
-        loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False)
+        loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=device.type == "cuda")
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
             if channels_last:
@@ -369,7 +371,7 @@ def run_trial(inputs: TrialInputs, method: str, lr: float, settings: TrainSettin
     loader = DataLoader(inputs.train, batch_size=sampler.local, sampler=sampler, num_workers=s.loader_workers,
                         pin_memory=device.type == "cuda")
     score = dict(batch_size=s.eval_batch_size, autocast=autocast, channels_last=channels_last, rank=rank,
-                 world=world)
+                 world=world, num_workers=s.loader_workers)
 
     if resume is not None:
         model.load_state_dict(resume["model"])

@@ -159,3 +159,18 @@ def test_the_pipeline_adds_the_trained_rows_the_histories_and_the_progress_figur
     assert sum(line["chosen"] == "True" for line in lines) == 3
     assert (tmp_path / "accuracy_vs_progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| Fine-tuning |" in (tmp_path / "results.md").read_text()
+
+
+def test_holdout_selection_trains_on_the_rest_and_selects_on_the_held_out_slice():
+    from entk_ray.finetune import trial_inputs
+
+    b = tiny_benchmark()
+    cfg = Config().with_overrides(["finetune.baselines=[ft]", "solver.selection=holdout",
+                                   "solver.holdout_fraction=0.25"])
+    inputs = trial_inputs(cfg, b, select_on="holdout", factory=TinyClassifierFactory())
+    assert len(inputs.train) == 72 and len(inputs.evals["holdout"]) == 24
+    assert list(inputs.evals)[:2] == ["id_val", "ood:shifted"]
+    history = run_trial(inputs, "ft", 0.1, TrainSettings(epochs=1, batch_size=24), CPU)
+    assert set(history[-1]["accuracy"]) == {"id_val", "ood:shifted", "holdout"}
+    assert inputs.fingerprint("ft", TrainSettings()) != trial_inputs(cfg, b, factory=TinyClassifierFactory()) \
+        .fingerprint("ft", TrainSettings())

@@ -14,6 +14,14 @@ from entk_ray.store import ArtifactStore
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(scope="module")
+def s3():
+    from s3_server import MotoS3Server
+
+    with MotoS3Server() as server:
+        yield server
+
+
 def inputs_for(factory):
     b = tiny_benchmark()
     return TrialInputs(factory, training_set(b.train), dict(b.eval_sets()), b.num_classes, "id_val")
@@ -31,14 +39,18 @@ def assert_same_history(got, want):
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9, abs=1e-12)
 
 
-def test_two_ddp_workers_take_the_steps_of_one_worker(ray_local, tmp_path):
+def test_two_ddp_workers_take_the_steps_of_one_worker_checkpointing_to_s3(ray_local, s3):
     # GroupNorm: CPU workers have no SyncBatchNorm, and per-worker batch statistics would differ
     inputs = inputs_for(TinyClassifierFactory(norm="group"))
     settings = TrainSettings(epochs=2, batch_size=16, seed=1)
     one = run_trial(inputs, "ft", 0.5, settings, CPU)
+    s3.make_bucket("ft-bucket")
+    storage = trainer_storage("s3://ft-bucket/run/finetune", s3.storage_options)
+    assert storage[0] == "ft-bucket/run/finetune" and storage[1] is not None
     two = fit_trial(ray.put(inputs), "ft", 0.5, settings, TrialScaling(num_workers=2, cpus_per_worker=1.0),
-                    trainer_storage(str(tmp_path)), "lr-0.5")
-    assert_same_history(two.history, one)
+                    storage, "lr-0.5")
+    assert_same_history(two.history, one)  # read back from the checkpoint in S3
+    assert any(path.endswith("/state.pt") for path in s3.filesystem().find("ft-bucket/run/finetune/lr-0.5"))
     assert one[-1]["train_loss"] < one[1]["train_loss"]  # it trained: the comparison is not vacuous
     assert two.resumed_from_epoch is None
 
