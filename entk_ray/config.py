@@ -24,6 +24,7 @@ CORRUPT_POLICIES = ("fail", "skip")
 FINETUNE_BASELINES = ("ft", "lpft", "scratch")
 FINETUNE_PRECISIONS = ("auto", "fp32", "bf16")
 FINETUNE_AUGMENTS = ("auto", "none")
+FINETUNE_BATCHNORM = ("train", "frozen")
 
 
 class ConfigError(ValueError):
@@ -147,6 +148,9 @@ class FinetuneConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16
     channels_last: bool = True  # CUDA only
     sync_batchnorm: bool = True  # SyncBatchNorm across the GPU workers of a trial (CPU workers keep their own)
+    # BatchNorm while training ft/lpft: train (batch statistics, Kumar et al.) or frozen (the pretrained
+    # running statistics; for small batches or inputs far from the pretraining data). scratch: always train.
+    batchnorm: str = "train"
     eval_batch_size: int = 256
     num_workers: int = 1  # Ray Train workers (DDP) per trial; trials run side by side on the rest
     use_gpu: bool | None = None  # None: when the Ray cluster has GPUs
@@ -339,6 +343,7 @@ class Config:
         _int("finetune.seed", ft.seed)
         _choice("finetune.augment", ft.augment, FINETUNE_AUGMENTS)
         _choice("finetune.precision", ft.precision, FINETUNE_PRECISIONS)
+        _choice("finetune.batchnorm", ft.batchnorm, FINETUNE_BATCHNORM)
         for name in ("channels_last", "sync_batchnorm"):
             if not isinstance(getattr(ft, name), bool):
                 raise ConfigError(f"finetune.{name} must be true or false, got {getattr(ft, name)!r}")

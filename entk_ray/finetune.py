@@ -14,7 +14,8 @@ linear head, logits(x) = W g_θ(x) + b, W ∈ R^{C×D}, trained on cross-entropy
 
 Protocol (Kumar et al.'s Living-17 recipe, every number in ``FinetuneConfig``): SGD with momentum
 0.9, no weight decay, global batch 64, 20 epochs, learning rate following a per-step cosine from
-``lr`` to 0, BatchNorm in training mode. The training split is augmented (``entk_ray.data.augment``);
+``lr`` to 0, BatchNorm in training mode (``batchnorm="frozen"`` keeps the pretrained statistics for
+``ft``/``lpft`` instead: see ``FinetuneConfig``). The training split is augmented (``entk_ray.data.augment``);
 evaluation uses the benchmark's own splits and transform, with the model in eval mode. Every epoch
 records the accuracy of every evaluation set (epoch 0: at initialization). For each learning rate of
 the grid the best epoch by selection-set accuracy is kept (earliest on ties, epochs ≥ 1: early
@@ -71,12 +72,13 @@ class TrainSettings:
     sync_batchnorm: bool = True
     eval_batch_size: int = 256
     loader_workers: int = 0
+    batchnorm: str = "train"
 
     @classmethod
     def from_config(cls, ft: FinetuneConfig) -> "TrainSettings":
         loaders = ft.loader_workers if ft.loader_workers is not None else max(0, int(ft.cpus_per_worker) - 1)
         return cls(ft.epochs, ft.batch_size, float(ft.momentum), float(ft.weight_decay), ft.seed, ft.precision,
-                   ft.channels_last, ft.sync_batchnorm, ft.eval_batch_size, loaders)
+                   ft.channels_last, ft.sync_batchnorm, ft.eval_batch_size, loaders, ft.batchnorm)
 
     def numerics(self) -> dict[str, Any]:
         """The settings that change the numbers (not the DataLoader processes)."""
@@ -303,12 +305,11 @@ def _shard(n: int, rank: int, world: int) -> range:
 def evaluate(model: nn.Module, evals: dict[str, Dataset], device: torch.device, *, batch_size: int = 256,
              autocast: torch.dtype | None = None, channels_last: bool = False, rank: int = 0,
              world: int = 1, num_workers: int = 0) -> dict[str, float]:
-    """Accuracy of ``argmax logits`` on every set, with the model in eval mode.
+    """Accuracy of ``argmax logits`` on every set, with the model in eval mode (left in it).
 
     With ``world > 1`` each worker scores examples ``rank, rank + world, …`` and the correct counts
     are summed over the process group, so every worker returns the accuracy on the whole set.
     """
-    was_training = model.training
     model.eval()
     counts = torch.zeros(2 * len(evals), dtype=torch.float64)
     for i, (name, dataset) in enumerate(evals.items()):
@@ -327,8 +328,17 @@ def evaluate(model: nn.Module, evals: dict[str, Dataset], device: torch.device, 
         counts = counts.to(device)
         dist.all_reduce(counts)
         counts = counts.cpu()
-    model.train(was_training)
     return {name: float(counts[2 * i] / counts[2 * i + 1]) for i, name in enumerate(evals)}
+
+
+def set_training(model: nn.Module, frozen_batchnorm: bool) -> None:
+    """Training mode; with ``frozen_batchnorm`` BatchNorm layers stay in eval mode: they normalize
+    with the pretrained running statistics and leave them alone (their affine weights still train)."""
+    model.train()
+    if frozen_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def _sync_buffers(model: nn.Module) -> None:
@@ -363,7 +373,8 @@ def run_trial(inputs: TrialInputs, method: str, lr: float, settings: TrainSettin
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and s.sync_batchnorm and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.train()
+    frozen_batchnorm = s.batchnorm == "frozen" and method != "scratch"  # scratch has no statistics to keep
+    set_training(model, frozen_batchnorm)
     net = wrap(model) if wrap is not None else model
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
     sampler = GlobalBatchSampler(len(inputs.train), s.batch_size, rank, world, s.seed)
@@ -389,6 +400,7 @@ def run_trial(inputs: TrialInputs, method: str, lr: float, settings: TrainSettin
                 "history": history, "epoch": history[-1]["epoch"]}
 
     for epoch in range(history[-1]["epoch"] + 1, s.epochs + 1):
+        set_training(model, frozen_batchnorm)
         augmented.set_epoch(epoch)
         sampler.set_epoch(epoch)
         start = time.perf_counter()

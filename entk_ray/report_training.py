@@ -86,7 +86,7 @@ def plot_accuracy_vs_progress(path: str | Path, baselines: dict, runs: Sequence[
             ax.plot(x, y, marker=".", color=c, label=f"{METHOD_NAMES[method]} (lr = {trial.lr:g})")
             best = trial.best(result.select_on)
             ax.plot([best["epoch"] / epochs], [100 * best["accuracy"][name]], "o", color=c)
-        ax.set_xlabel("training progress (eNTK: solver step / last step; trained: epoch / epochs)")
+        ax.set_xlabel("training progress (eNTK: step / last step; trained: epoch / epochs)", fontsize=8)
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{_label(name)} accuracy during training")
         ax.grid(alpha=0.3)
