@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-FEATURE_METHODS = ("auto", "hooks", "func")
+FEATURE_METHODS = ("auto", "sampled", "hooks", "func")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 BENCHMARKS = ("digits", "living17", "entity13", "entity30", "nonliving26", "image_folder")
 SOLVER_METHODS = ("spectral", "nag")
@@ -25,6 +25,12 @@ FINETUNE_BASELINES = ("ft", "lpft", "scratch")
 FINETUNE_PRECISIONS = ("auto", "fp32", "bf16")
 FINETUNE_AUGMENTS = ("auto", "none")
 FINETUNE_BATCHNORM = ("train", "frozen")
+IMAGE_BENCHMARKS = ("living17", "entity13", "entity30", "nonliving26", "image_folder")  # decoded from image files
+# plan.hardware: detected, a preset of entk_ray.plan.PRESETS, or the plan.* numbers
+PLAN_HARDWARE = ("auto", "custom", "h100", "g5.12xlarge", "p4d.24xlarge", "r6i.8xlarge")
+PLAN_KERNEL_DTYPES = ("auto", "float64", "float32", "tf32", "bf16")
+PLAN_SOLVERS = ("auto", "gpu-spectral-float64", "gpu-spectral-float32", "gpu-nag-float64", "cpu-spectral-float64",
+                "cpu-nag-float64")
 
 
 class ConfigError(ValueError):
@@ -50,12 +56,15 @@ class FeatureConfig:
     p: int = 500_000
     param_seed: int = 0
     include_head: bool = False
-    method: str = "auto"  # hooks: per-layer batch gradients; func: torch.func vmap(grad)
+    method: str = "auto"  # auto/sampled: only S's coordinates; hooks: per-layer gradients; func: vmap(grad)
     batch_size: int = 32
     chunk_size: int = 8  # examples per vmap call: bounds memory at chunk × #params floats
     storage_dtype: str = "float32"
     device: str = "auto"  # auto: cuda when available, else cpu
     num_workers: int = 0  # DataLoader workers for decoding images
+    # CUDA only: TF32 (10-bit mantissa products, float32 sums) for the feature computation's
+    # matmuls and convolutions. Off by default; measure its effect on K before turning it on.
+    tf32: bool = False
 
 
 @dataclass
@@ -172,6 +181,30 @@ class StoreConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The plan made before any work (:mod:`entk_ray.plan`): the hardware it is made for, whether
+    a run that does not fit is refused, and the choices a user may force instead of the plan."""
+
+    hardware: str = "auto"  # auto: this machine or the connected Ray cluster; a preset; custom
+    nodes: int = 1  # worker nodes of the preset (or of the custom spec)
+    head: str | None = None  # a preset for a separate driver node (e.g. r6i.8xlarge); None: a worker node
+    enforce: bool = True  # refuse a run that does not fit (false: print the shortfalls and go on)
+    storage_dtype: str = "auto"  # auto: features.storage_dtype when Φ fits in memory, else bfloat16; a dtype: forced
+    kernel_dtype: str = "auto"  # auto: float64 unless the GPU's float64 rate is < ¼ of its float32 rate
+    solver: str = "auto"  # auto: the fastest float64 solver that fits
+    tile_rows: int | None = None  # kernel tile rows; None: the plan's choice
+    # hardware: custom, per node (GB = 10⁹ bytes)
+    gpus: int = 0
+    gpu_type: str = "H100"  # whose planning rates apply: H100, A100-40G, A10G (others: A10G's)
+    gpu_memory_gb: float | None = None  # None: the GPU type's
+    cpus: int = 16
+    ram_gb: float = 64.0
+    disk_gb: float = 100.0
+    object_store_gb: float | None = None  # None: Ray's default
+    shm_gb: float | None = None  # None: half the RAM
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
@@ -181,6 +214,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     use_ray: bool = False
     # fsspec options for every s3:// (or other remote) path of the run: data, weights, index
     # cache and artifact store, e.g. {"client_kwargs": {"endpoint_url": ...}, "key": ..., "secret": ...}.
@@ -246,6 +280,8 @@ class Config:
         _choice("features.storage_dtype", f.storage_dtype, STORAGE_DTYPES)
         _choice("features.device", f.device.split(":")[0], ("auto", "cpu", "cuda"))
         _int("features.num_workers", f.num_workers, minimum=0, what="a non-negative integer")
+        if not isinstance(f.tf32, bool):
+            raise ConfigError(f"features.tf32 must be true or false, got {f.tf32!r}")
 
         _choice("data.benchmark", d.benchmark, BENCHMARKS)
         _int("data.seed", d.seed)
@@ -358,6 +394,27 @@ class Config:
         if ft.max_concurrent is not None:
             _int("finetune.max_concurrent", ft.max_concurrent, minimum=1, what="a positive integer or null")
         _int("finetune.max_failures", ft.max_failures, minimum=-1, what="an integer ≥ -1 (-1: retry forever)")
+
+        pl = self.plan
+        _choice("plan.hardware", pl.hardware, PLAN_HARDWARE)
+        _int("plan.nodes", pl.nodes, minimum=1, what="a positive integer")
+        if pl.head is not None:
+            _choice("plan.head", pl.head, PLAN_HARDWARE[2:])
+        if not isinstance(pl.enforce, bool):
+            raise ConfigError(f"plan.enforce must be true or false, got {pl.enforce!r}")
+        _choice("plan.storage_dtype", pl.storage_dtype, ("auto", *STORAGE_DTYPES))
+        _choice("plan.kernel_dtype", pl.kernel_dtype, PLAN_KERNEL_DTYPES)
+        _choice("plan.solver", pl.solver, PLAN_SOLVERS)
+        if pl.tile_rows is not None:
+            _int("plan.tile_rows", pl.tile_rows, minimum=1, what="a positive integer or null")
+        _int("plan.gpus", pl.gpus, minimum=0, what="a non-negative integer")
+        _int("plan.cpus", pl.cpus, minimum=1, what="a positive integer")
+        for name in ("ram_gb", "disk_gb", "gpu_memory_gb", "object_store_gb", "shm_gb"):
+            value = getattr(pl, name)
+            if value is None and name not in ("ram_gb", "disk_gb"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"plan.{name} must be a positive number of GB, got {value!r}")
         return self
 
 
@@ -396,7 +453,7 @@ def _coerce_floats(ftype: str, value: Any) -> Any:
 _SECTIONS = {
     c.__name__: c
     for c in (ModelConfig, FeatureConfig, DataConfig, SolverConfig, ProbeConfig, RayConfig, StoreConfig,
-              FinetuneConfig)
+              FinetuneConfig, PlanConfig)
 }
 
 
