@@ -18,6 +18,16 @@ from entk_ray.report import format_table
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny networks train on one intra-op thread, as in a 1-CPU Ray Train worker: more threads
+    only contend on a small shared machine (the numbers hold at any thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_inputs(norm="batch", augment="auto", head=None, **bench):
     b = tiny_benchmark(**bench)
     return TrialInputs(TinyClassifierFactory(norm=norm), training_set(b.train, augment), dict(b.eval_sets()),

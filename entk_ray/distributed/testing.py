@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -160,13 +161,30 @@ class TinyClassifierFactory(ClassifierFactory):
 class CrashOnceClassifierFactory:
     """Wraps a classifier factory: the process whose model takes training step ``after_steps + 1``
     exits (``os._exit``) unless ``marker`` exists; it creates the marker first, so a resumed run
-    trains normally. A real crash of a Ray Train worker, for the resume test."""
+    trains normally. A real crash of a Ray Train worker, for the resume test.
 
-    def __init__(self, inner, marker: str | os.PathLike, after_steps: int):
+    Ray Train's controller registers a reported checkpoint when it next polls the workers (every
+    2 s), and a rerun resumes from the last *registered* one. With ``registered_under`` (a local
+    folder holding the trainer's storage) the process first waits, up to ``wait_s``, until Ray
+    Train's checkpoint-manager snapshot appears there, so the epoch a test resumes from is known."""
+
+    SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+    def __init__(self, inner, marker: str | os.PathLike, after_steps: int,
+                 registered_under: str | os.PathLike | None = None, wait_s: float = 60.0):
         self.inner, self.marker, self.after_steps = inner, str(marker), int(after_steps)
+        self.registered_under = None if registered_under is None else str(registered_under)
+        self.wait_s = float(wait_s)
 
     def fingerprint(self) -> str:
         return self.inner.fingerprint()
+
+    def _wait_for_registration(self) -> None:
+        if self.registered_under is None:
+            return
+        deadline = time.monotonic() + self.wait_s
+        while time.monotonic() < deadline and not any(Path(self.registered_under).rglob(self.SNAPSHOT)):
+            time.sleep(0.05)
 
     def __call__(self, method, num_classes, head=None, seed=0):
         model = self.inner(method, num_classes, head, seed)
@@ -177,6 +195,7 @@ class CrashOnceClassifierFactory:
             if module.training:
                 steps[0] += 1
                 if steps[0] > after and not os.path.exists(marker):
+                    self._wait_for_registration()
                     Path(marker).write_text(str(os.getpid()))
                     os._exit(1)
 

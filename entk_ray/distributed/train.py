@@ -42,7 +42,7 @@ import ray
 import torch
 
 from entk_ray.distributed.runtime import cluster_cpus, cluster_gpus, init_ray, shutdown_ray
-from entk_ray.distributed.sweep import _quiet_tune, tune_storage_path
+from entk_ray.distributed.sweep import _quiet_tune, tune_storage
 from entk_ray.finetune import (METHOD_NAMES, BaselineResult, TrainSettings, TrialInputs, TrialResult,
                                run_trial)
 from entk_ray.storage import filesystem_for, is_remote
@@ -201,6 +201,7 @@ def ray_baselines(cfg, inputs: TrialInputs, fingerprint: str, log: Callable[[str
                   store: ArtifactStore | None = None) -> dict[str, BaselineResult]:
     """Every configured baseline: one Tune sweep over learning rates per method, trainers on Ray Train."""
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     started = init_ray(cfg.ray.address)
     try:
@@ -211,6 +212,7 @@ def ray_baselines(cfg, inputs: TrialInputs, fingerprint: str, log: Callable[[str
         ns = store.namespace(fingerprint)
         inputs_ref = ray.put(inputs)
         concurrent = ft.max_concurrent or scaling.concurrent_trials()
+        tune_path, tune_filesystem = tune_storage(cfg)
         out = {}
         for method in ft.baselines:
             prefix = f"{method}-{inputs.fingerprint(method, settings)}"
@@ -227,8 +229,9 @@ def ray_baselines(cfg, inputs: TrialInputs, fingerprint: str, log: Callable[[str
                 tuner = tune.Tuner(
                     trainable, param_space={"lr": tune.grid_search(todo)},
                     tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-                    run_config=tune.RunConfig(name=f"finetune-{prefix}", storage_path=tune_storage_path(cfg.store.out_dir),
-                                              verbose=0))
+                    run_config=tune.RunConfig(name=f"finetune-{prefix}", storage_path=tune_path,
+                                              storage_filesystem=tune_filesystem, verbose=0,
+                                              callbacks=[JsonLoggerCallback()]))
                 with _quiet_tune():
                     grid = tuner.fit()
                 if grid.errors:
