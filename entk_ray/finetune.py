@@ -122,8 +122,8 @@ class ProbeHead:
 
     def linear(self) -> nn.Linear:
         head = nn.Linear(self.weight.shape[1], self.weight.shape[0], device="meta")
-        head.weight = nn.Parameter(torch.as_tensor(self.weight, dtype=torch.float32).clone())
-        head.bias = nn.Parameter(torch.as_tensor(self.bias, dtype=torch.float32).clone())
+        head.weight = nn.Parameter(torch.tensor(np.array(self.weight, dtype=np.float32)))
+        head.bias = nn.Parameter(torch.tensor(np.array(self.bias, dtype=np.float32)))
         return head
 
     def fingerprint(self) -> str:
