@@ -12,7 +12,7 @@ from entk_ray.config import Config, ConfigError
 from entk_ray.data.augment import SeededAugmentation, TensorCrop, training_set
 from entk_ray.distributed.testing import TinyClassifierFactory, TinyFeaturizerFactory, tiny_benchmark
 from entk_ray.finetune import (BaselineResult, GlobalBatchSampler, TrainSettings, TrialInputs, TrialResult,
-                               best_epoch, probe_head, run_trial)
+                               autocast_dtype, best_epoch, probe_head, run_trial)
 from entk_ray.report import format_table
 
 CPU = torch.device("cpu")
@@ -63,6 +63,18 @@ def test_lpft_starts_from_the_linear_probe_with_its_standardization_folded_in():
     inputs = TrialInputs(factory, training_set(b.train), dict(b.eval_sets()), b.num_classes, "id_val", head)
     history = run_trial(inputs, "lpft", 0.01, TrainSettings(epochs=1, batch_size=16), CPU)
     assert history[0]["accuracy"]["id_val"] == pytest.approx(probe.accuracy["id_val"])
+
+
+def test_bf16_autocast_is_the_gpu_default_and_trains_close_to_fp32():
+    assert autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert autocast_dtype("auto", CPU) is None and autocast_dtype("fp32", torch.device("cuda")) is None
+    assert autocast_dtype("bf16", CPU) == torch.bfloat16  # CPU autocast runs the same code path here
+    inputs = tiny_inputs(norm="group")
+    fp32 = run_trial(inputs, "ft", 0.1, TrainSettings(epochs=1, batch_size=16, precision="fp32"), CPU)
+    bf16 = run_trial(inputs, "ft", 0.1, TrainSettings(epochs=1, batch_size=16, precision="bf16"), CPU)
+    # bf16 rounds activations to 8 bits of mantissa: the loss moves (1e-4 relative here; bound 1e-2)
+    assert bf16[1]["train_loss"] != fp32[1]["train_loss"]
+    assert bf16[1]["train_loss"] == pytest.approx(fp32[1]["train_loss"], rel=1e-2)
 
 
 def test_a_two_class_probe_becomes_a_two_row_head_with_the_same_decision():
