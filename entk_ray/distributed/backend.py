@@ -169,7 +169,7 @@ class _KernelStage:
                       "shard_failures": 0, "pids": set(), "nodes": set(), "reused": False}
 
     def run(self) -> KernelSet:
-        from tqdm.auto import tqdm
+        from entk_ray.progress import progress_bar
 
         cached = self._open_store()
         if cached is not None:
@@ -179,12 +179,12 @@ class _KernelStage:
         self.assembler = KernelAssembler(shards, storage_dtype=self.cfg.features.storage_dtype,
                                          max_in_flight=self.cfg.ray.max_blocks_in_flight,
                                          block_gpus=self.cfg.ray.block_gpus, namespace=self.ns)
-        self.block_bar = tqdm(total=self.assembler.total, desc="kernel blocks", unit="block",
-                              disable=not self.progress, leave=False)
+        self.block_bar = progress_bar(total=self.assembler.total, desc="kernel blocks", unit="block",
+                                      enabled=self.progress)
         self.stats["blocks_cached"] = self.assembler.load_cached(self.block_bar)
         todo = self._shards_to_compute(shards)
-        self.feature_bar = tqdm(total=sum(s.size for s in todo), desc="features", unit="ex",
-                                disable=not self.progress, leave=False)
+        self.feature_bar = progress_bar(total=sum(s.size for s in todo), desc="features", unit="ex",
+                                        enabled=self.progress)
         try:
             self._compute(todo)
             self._loop()
