@@ -202,7 +202,7 @@ def run_cli(argv: Sequence[str] | None, description: str, base: Config, extra: d
     print()
     print(f"selection set: {result.problem_select_on}; backend: {'ray' if cfg.use_ray else 'local'}; "
           f"wall time {time.perf_counter() - start:.1f}s")
-    print(f"results: {result.paths['results.json'].parent}/ ({', '.join(sorted(p.name for p in result.paths.values()))})")
+    print(f"results: {result.paths['results.json'].parent}/ ({', '.join(p.name for p in result.paths.values())})")
     return 0
 
 
