@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from entk_ray.redaction import redact
 from entk_ray.solvers import SolverRun
 
 # Living-17 rows as reported in the research write-up (ID %, OOD %); Kumar et al. for the first three.
@@ -79,7 +80,8 @@ def write_results(out_dir: str | Path, rows: Sequence[dict], runs: Sequence[Solv
     paths = {name: out / name for name in ("results.json", "results.csv", "results.md", "sweep.csv",
                                             "accuracy_vs_step.png", "accuracy_vs_beta.png")}
     points = [p for run in runs for p in run.to_records()]
-    payload = {"rows": list(rows), "select_on": select_on, "sweep_points": points, **(extra or {})}
+    # The run config may carry storage credentials: never written (entk_ray.redaction).
+    payload = redact({"rows": list(rows), "select_on": select_on, "sweep_points": points, **(extra or {})})
     paths["results.json"].write_text(json.dumps(payload, indent=2, default=_json_default))
     with open(paths["results.csv"], "w", newline="") as fh:
         writer = csv.writer(fh)

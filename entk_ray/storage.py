@@ -3,12 +3,35 @@
 ``storage_options`` (``Config.storage_options``) are fsspec options for remote URLs, e.g.
 ``{"client_kwargs": {"endpoint_url": ...}, "key": ..., "secret": ...}`` for s3fs; local paths
 ignore them.
+
+S3 never hangs: :func:`filesystem_for` is the one place filesystems are made, and it gives s3fs
+connect and read timeouts and a bounded number of attempts (:data:`S3_CONFIG`, merged under the
+user's own ``storage_options["config_kwargs"]``, which win; :data:`S3_FS_RETRIES` attempts of
+s3fs's own retry loop around botocore's). An endpoint that accepts connections but never answers
+therefore fails after at most ``S3_FS_RETRIES × max_attempts × read_timeout`` seconds (plus
+backoff) instead of minutes. :func:`storage_errors` turns such a failure into a
+:class:`~entk_ray.errors.StorageError` naming the URL and the endpoint.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import socket
 import uuid
+from collections.abc import Iterator
 from typing import Any
+
+from entk_ray.errors import StorageError
+from entk_ray.redaction import redact_text
+
+#: botocore ``Config`` defaults for s3fs (``config_kwargs``): seconds to connect, seconds without
+#: a byte while reading a response, and attempts per request (the "standard" retry mode counts
+#: the first one). Large transfers are unaffected: the read timeout is per socket read.
+S3_CONFIG: dict[str, Any] = {"connect_timeout": 5, "read_timeout": 10,
+                             "retries": {"max_attempts": 2, "mode": "standard"}}
+#: Attempts of s3fs's own retry loop (it also retries a response body cut mid-stream).
+S3_FS_RETRIES = 2
 
 
 def is_remote(path: str) -> bool:
@@ -27,7 +50,76 @@ def filesystem_for(path: str, storage_options: dict[str, Any] | None = None):
     import fsspec
 
     options = dict(storage_options or {}) if is_remote(path) else {}
-    return fsspec.core.url_to_fs(path, **options)
+    s3 = str(path).startswith(("s3://", "s3a://"))
+    if s3:
+        options["config_kwargs"] = _merged(S3_CONFIG, options.get("config_kwargs") or {})
+    fs, inner = fsspec.core.url_to_fs(path, **options)
+    if s3:
+        fs.retries = S3_FS_RETRIES  # an instance attribute of s3fs (default 5); fsspec caches fs per options
+    return fs, inner
+
+
+def _merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    out = dict(defaults)
+    for key, value in given.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) says a storage endpoint did not answer or could not
+    be reached: timeouts and connection errors of botocore, aiohttp, fsspec and sockets."""
+    kinds: list[type] = [TimeoutError, asyncio.TimeoutError, socket.timeout, ConnectionError]
+    with contextlib.suppress(ImportError):
+        import botocore.exceptions as boto
+
+        kinds += [boto.ConnectionError, boto.ReadTimeoutError, boto.ConnectionClosedError]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        kinds += [aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError]
+    with contextlib.suppress(ImportError):
+        from fsspec.exceptions import FSTimeoutError
+
+        kinds.append(FSTimeoutError)
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StorageError) or isinstance(exc, tuple(kinds)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextlib.contextmanager
+def storage_errors(url: str, storage_options: dict[str, Any] | None = None, what: str = "") -> Iterator[None]:
+    """Turn "the endpoint did not answer" inside the block into a :class:`StorageError` naming
+    ``url`` and the endpoint; every other error passes through unchanged."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        if not unreachable(exc):
+            raise
+        raise StorageError(unreachable_message(url, storage_options, exc, what)) from exc
+
+
+def unreachable_message(url: str, storage_options: dict[str, Any] | None, exc: BaseException,
+                        what: str = "") -> str:
+    options = storage_options or {}
+    endpoint = (options.get("client_kwargs") or {}).get("endpoint_url") or options.get("endpoint_url")
+    config = _merged(S3_CONFIG, options.get("config_kwargs") or {})
+    where = f" (endpoint {endpoint})" if endpoint else ""
+    limits = (f"connect_timeout={config.get('connect_timeout')} s, read_timeout={config.get('read_timeout')} s, "
+              f"{(config.get('retries') or {}).get('max_attempts')} attempts"
+              if str(url).startswith("s3") else "")
+    detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return redact_text(
+        f"cannot {what or 'reach'} {url}{where}: the storage endpoint did not answer ({detail})"
+        f"{f'; limits: {limits}' if limits else ''}. Check that the endpoint is up and reachable "
+        f"(storage_options.client_kwargs.endpoint_url, network, credentials) and rerun: finished "
+        f"work stored so far is reused; timeouts are storage_options.config_kwargs")
 
 
 def as_url(fs, path: str) -> str:
@@ -52,8 +144,10 @@ def read_parquet(path: str, storage_options: dict[str, Any] | None = None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fs, inner = filesystem_for(path, storage_options)
-    return pq.read_table(pa.BufferReader(fs.cat_file(inner)))
+    with storage_errors(path, storage_options, "read"):
+        fs, inner = filesystem_for(path, storage_options)
+        data = fs.cat_file(inner)
+    return pq.read_table(pa.BufferReader(data))
 
 
 def write_parquet(table, path: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -64,8 +158,9 @@ def write_parquet(table, path: str, storage_options: dict[str, Any] | None = Non
     if is_remote(path):
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        fs, inner = filesystem_for(path, storage_options)
-        fs.pipe_file(inner, sink.getvalue().to_pybytes())
+        with storage_errors(path, storage_options, "write"):
+            fs, inner = filesystem_for(path, storage_options)
+            fs.pipe_file(inner, sink.getvalue().to_pybytes())
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"

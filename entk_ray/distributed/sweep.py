@@ -107,8 +107,12 @@ def tune_storage_path(out_dir: str) -> str:
 
 
 def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: float = 1.0,
-               on_round: Callable[[int, list[SolverRun]], None] | None = None) -> list[SolverRun]:
-    """The telescopic β search of ``cfg.solver`` with one Ray Tune run per round."""
+               on_round: Callable[[int, list[SolverRun]], None] | None = None,
+               load_round: Callable[[list[float], int], list[SolverRun] | None] | None = None) -> list[SolverRun]:
+    """The telescopic β search of ``cfg.solver`` with one Ray Tune run per round.
+
+    ``load_round(rs, index)`` may return a round's runs from an earlier, interrupted run (then no
+    Tune run starts for it); ``on_round(index, runs)`` is called after each round that ran."""
     from ray import tune
 
     s = settings = SolverSettings.from_config(cfg.solver)
@@ -126,6 +130,9 @@ def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: 
     def run_round(rs: list[float], round_index: int) -> list[SolverRun]:
         if not rs:
             return []
+        stored = load_round(rs, round_index) if load_round is not None else None
+        if stored is not None:
+            return stored
         tuner = tune.Tuner(
             trainable,
             param_space={"r": tune.grid_search(list(rs))},
