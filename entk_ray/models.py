@@ -461,8 +461,11 @@ def _not_a_checkpoint(path: str, data: bytes, exc: BaseException) -> CheckpointE
 
 
 def _first_line(exc: BaseException) -> str:
+    """The telling line of a torch.load error (its weights-only unpickler buries it mid-message)."""
     text = str(exc).strip()
-    return " ".join(text.splitlines()[0].split())[:200] if text else type(exc).__name__
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    return " ".join(text.splitlines()[0].split(". ")[0].split())[:200] if text else type(exc).__name__
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:

@@ -26,7 +26,7 @@ _CREDENTIAL_KEYS = {"key", "secret", "token", "password", "passwd", "pwd", "user
 #: Key names containing one of these are credentials too (``aws_secret_access_key``, ``api_key``...).
 _CREDENTIAL_PARTS = ("secret", "token", "password", "passwd", "credential", "private_key", "api_key", "apikey",
                      "access_key", "account_key", "session_key", "auth")
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^@\s]+@")
 
 
 def is_credential_key(name: Any) -> bool:

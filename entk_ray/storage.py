@@ -9,8 +9,9 @@ connect and read timeouts and a bounded number of attempts (:data:`S3_CONFIG`, m
 user's own ``storage_options["config_kwargs"]``, which win; :data:`S3_FS_RETRIES` attempts of
 s3fs's own retry loop around botocore's). An endpoint that accepts connections but never answers
 therefore fails after at most ``S3_FS_RETRIES × max_attempts × read_timeout`` seconds (plus
-backoff) instead of minutes. :func:`storage_errors` turns such a failure into a
-:class:`~entk_ray.errors.StorageError` naming the URL and the endpoint.
+backoff) instead of minutes; uploads, which the read timeout does not cover once the server stops
+reading, get a deadline of their own (:func:`pipe_file`). :func:`storage_errors` turns such a
+failure into a :class:`~entk_ray.errors.StorageError` naming the URL and the endpoint.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from entk_ray.redaction import redact_text
 #: botocore ``Config`` defaults for s3fs (``config_kwargs``): seconds to connect, seconds without
 #: a byte while reading a response, and attempts per request (the "standard" retry mode counts
 #: the first one). Large transfers are unaffected: the read timeout is per socket read.
-S3_CONFIG: dict[str, Any] = {"connect_timeout": 5, "read_timeout": 10,
+S3_CONFIG: dict[str, Any] = {"connect_timeout": 5, "read_timeout": 15,
                              "retries": {"max_attempts": 2, "mode": "standard"}}
 #: Attempts of s3fs's own retry loop (it also retries a response body cut mid-stream).
 S3_FS_RETRIES = 2
@@ -56,7 +57,48 @@ def filesystem_for(path: str, storage_options: dict[str, Any] | None = None):
     fs, inner = fsspec.core.url_to_fs(path, **options)
     if s3:
         fs.retries = S3_FS_RETRIES  # an instance attribute of s3fs (default 5); fsspec caches fs per options
+        if getattr(fs, "session", None) is None:  # before its first request: s3fs then keeps this session
+            fs.session = _s3_session(getattr(fs, "kwargs", {}) or {})
     return fs, inner
+
+
+def pipe_file(fs, path: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """``fs.pipe_file`` (one PUT, or a multipart upload) within :func:`write_deadline`."""
+    deadline = write_deadline(fs, len(data), storage_options)
+    if deadline is None:
+        fs.pipe_file(path, data)
+    else:
+        fs.pipe_file(path, data, timeout=deadline)  # fsspec's sync wrapper: FSTimeoutError when it passes
+
+
+def _s3_session(kwargs: dict[str, Any]):
+    """An aiobotocore session whose PUTs carry no ``Expect: 100-continue``: aiohttp waits for the
+    "100 Continue" with no timeout at all, so a server that stops answering would hang every
+    upload forever (reads time out; writes would not). Without the header the read timeout
+    applies to small uploads too (large ones: :func:`write_deadline`)."""
+    import aiobotocore.session
+    from botocore.handlers import add_expect_header
+
+    session = aiobotocore.session.AioSession(**kwargs)
+    session.unregister("before-call.s3", add_expect_header)
+    return session
+
+
+#: Slowest upload rate a write deadline allows for (bytes per second).
+MIN_UPLOAD_RATE = 1 << 20
+
+
+def write_deadline(fs, nbytes: int, storage_options: dict[str, Any] | None = None) -> float | None:
+    """Seconds an upload of ``nbytes`` may take before it counts as hung, or None (no deadline:
+    a local or synchronous filesystem). Needed because a request whose body cannot be sent (the
+    server stopped reading) is not covered by the read timeout: every attempt may take
+    connect + read timeout, plus the transfer at :data:`MIN_UPLOAD_RATE` at worst."""
+    if not getattr(fs, "async_impl", False):
+        return None
+    config = _merged(S3_CONFIG, (storage_options or {}).get("config_kwargs") or {})
+    attempts = int((config.get("retries") or {}).get("max_attempts") or 1) * int(getattr(fs, "retries", 1) or 1)
+    per_attempt = float(config.get("connect_timeout") or 60) + float(config.get("read_timeout") or 60)
+    return attempts * per_attempt + nbytes / MIN_UPLOAD_RATE
 
 
 def _merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +202,8 @@ def write_parquet(table, path: str, storage_options: dict[str, Any] | None = Non
         pq.write_table(table, sink)
         with storage_errors(path, storage_options, "write"):
             fs, inner = filesystem_for(path, storage_options)
-            fs.pipe_file(inner, sink.getvalue().to_pybytes())
+            data = sink.getvalue().to_pybytes()
+            pipe_file(fs, inner, data, storage_options)
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"

@@ -60,7 +60,7 @@ import numpy as np
 
 from entk_ray.errors import UserInputError
 from entk_ray.redaction import redact
-from entk_ray.storage import filesystem_for, is_remote, storage_errors
+from entk_ray.storage import filesystem_for, is_remote, pipe_file, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ class Namespace:
     def _write(self, path: str, data: bytes) -> None:
         fs = self.store.fs
         if self.store.is_remote:
-            fs.pipe_file(path, data)  # one PUT: atomic
+            pipe_file(fs, path, data, self.store.storage_options)  # one PUT: atomic
             return
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
