@@ -8,7 +8,7 @@ S3 never hangs: :func:`filesystem_for` is the one place filesystems are made, an
 connect and read timeouts and a bounded number of attempts (:data:`S3_CONFIG`, merged under the
 user's own ``storage_options["config_kwargs"]``, which win; :data:`S3_FS_RETRIES` attempts of
 s3fs's own retry loop around botocore's). An endpoint that accepts connections but never answers
-therefore fails after at most ``S3_FS_RETRIES × max_attempts × read_timeout`` seconds (plus
+therefore fails after at most ``S3_FS_RETRIES × total_max_attempts × read_timeout`` seconds (plus
 backoff) instead of minutes; uploads, which the read timeout does not cover once the server stops
 reading, get a deadline of their own (:func:`pipe_file`). :func:`storage_errors` turns such a
 failure into a :class:`~entk_ray.errors.StorageError` naming the URL and the endpoint.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import os
 import socket
 import uuid
@@ -27,10 +28,10 @@ from entk_ray.errors import StorageError
 from entk_ray.redaction import redact_text
 
 #: botocore ``Config`` defaults for s3fs (``config_kwargs``): seconds to connect, seconds without
-#: a byte while reading a response, and attempts per request (the "standard" retry mode counts
-#: the first one). Large transfers are unaffected: the read timeout is per socket read.
+#: a byte while reading a response, and attempts per request, the first one included
+#: (``total_max_attempts``; botocore's ``max_attempts`` counts retries only).
 S3_CONFIG: dict[str, Any] = {"connect_timeout": 5, "read_timeout": 15,
-                             "retries": {"max_attempts": 2, "mode": "standard"}}
+                             "retries": {"total_max_attempts": 2, "mode": "standard"}}
 #: Attempts of s3fs's own retry loop (it also retries a response body cut mid-stream).
 S3_FS_RETRIES = 2
 
@@ -96,13 +97,25 @@ def write_deadline(fs, nbytes: int, storage_options: dict[str, Any] | None = Non
     if not getattr(fs, "async_impl", False):
         return None
     config = _merged(S3_CONFIG, (storage_options or {}).get("config_kwargs") or {})
-    attempts = int((config.get("retries") or {}).get("max_attempts") or 1) * int(getattr(fs, "retries", 1) or 1)
+    attempts = request_attempts(config) * int(getattr(fs, "retries", 1) or 1)
     per_attempt = float(config.get("connect_timeout") or 60) + float(config.get("read_timeout") or 60)
     return attempts * per_attempt + nbytes / MIN_UPLOAD_RATE
 
 
+def request_attempts(config: dict[str, Any]) -> int:
+    """Attempts botocore makes per request under ``config_kwargs`` (first one included)."""
+    retries = config.get("retries") or {}
+    if retries.get("total_max_attempts"):
+        return int(retries["total_max_attempts"])
+    if retries.get("max_attempts") is not None:
+        return int(retries["max_attempts"]) + 1
+    return 3 if retries.get("mode") == "standard" else 5  # botocore's defaults
+
+
 def _merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    out = dict(defaults)
+    """``defaults`` updated by ``given``, nested dicts key by key; a deep copy (botocore edits the
+    ``retries`` dict it is given)."""
+    out = copy.deepcopy(defaults)
     for key, value in given.items():
         out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
@@ -154,8 +167,7 @@ def unreachable_message(url: str, storage_options: dict[str, Any] | None, exc: B
     config = _merged(S3_CONFIG, options.get("config_kwargs") or {})
     where = f" (endpoint {endpoint})" if endpoint else ""
     limits = (f"connect_timeout={config.get('connect_timeout')} s, read_timeout={config.get('read_timeout')} s, "
-              f"{(config.get('retries') or {}).get('max_attempts')} attempts"
-              if str(url).startswith("s3") else "")
+              f"{request_attempts(config)} attempts per request" if str(url).startswith("s3") else "")
     detail = " ".join(f"{type(exc).__name__}: {exc}".split())
     return redact_text(
         f"cannot {what or 'reach'} {url}{where}: the storage endpoint did not answer ({detail})"

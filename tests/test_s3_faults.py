@@ -17,8 +17,8 @@ from entk_ray.errors import StorageError
 from entk_ray.storage import S3_CONFIG, S3_FS_RETRIES, filesystem_for
 from entk_ray.store import ArtifactStore
 
-#: Short limits for the tests (the defaults allow S3_FS_RETRIES × max_attempts × read_timeout).
-FAST = {"connect_timeout": 2, "read_timeout": 2, "retries": {"max_attempts": 2, "mode": "standard"}}
+#: Short limits for the tests (the defaults allow S3_FS_RETRIES × total_max_attempts × read_timeout).
+FAST = {"connect_timeout": 2, "read_timeout": 2, "retries": {"total_max_attempts": 2, "mode": "standard"}}
 
 
 def options(endpoint_url: str, config=None) -> dict:
@@ -35,21 +35,26 @@ def s3():
 
 
 def test_s3_filesystems_get_timeouts_and_bounded_retries():
+    import copy
+
+    defaults = copy.deepcopy(S3_CONFIG)
     fs, _ = filesystem_for("s3://bucket/x", options("http://127.0.0.1:9"))
     assert fs.retries == S3_FS_RETRIES
     assert {k: fs.config_kwargs[k] for k in S3_CONFIG} == S3_CONFIG
-    worst = S3_FS_RETRIES * S3_CONFIG["retries"]["max_attempts"] * S3_CONFIG["read_timeout"]
+    fs.connect()  # builds the botocore client (no request): botocore edits the config it is given
+    worst = S3_FS_RETRIES * S3_CONFIG["retries"]["total_max_attempts"] * S3_CONFIG["read_timeout"]
     assert worst <= 60, "a silent endpoint must fail within a minute with the defaults"
     # The user's own settings win, key by key.
     fs, _ = filesystem_for("s3://bucket/x", options("http://127.0.0.1:9", {"read_timeout": 120}))
     assert fs.config_kwargs["read_timeout"] == 120 and fs.config_kwargs["connect_timeout"] == 5
+    assert S3_CONFIG == defaults  # the module's defaults were not edited through a shared dict
 
 
 def test_silent_endpoint_fails_in_seconds_naming_the_url():
     from entk_ray.data.images import read_rgb_image, scan_images
 
     with PausableProxy(target=None) as silent:  # accepts connections, never answers
-        opts = options(silent.endpoint_url, {"connect_timeout": 1, "read_timeout": 1, "retries": {"max_attempts": 1}})
+        opts = options(silent.endpoint_url, {"connect_timeout": 1, "read_timeout": 1, "retries": {"total_max_attempts": 1}})
         store = ArtifactStore("s3://bucket/runs", opts).namespace("fp")
         start = time.monotonic()
         with pytest.raises(StorageError) as info:
