@@ -30,12 +30,13 @@ class StorageError(UserInputError, OSError):
 
 
 def find_user_error(exc: BaseException | None) -> UserInputError | None:
-    """The first :class:`UserInputError` in ``exc``'s chain (``__cause__``, ``__context__`` and
-    Ray's ``cause``), or None."""
+    """The first :class:`UserInputError` in ``exc``'s chain of causes (``raise … from``, and
+    Ray's ``cause``), or None. (Not ``__context__``: an error raised while another was being
+    handled is a new error, not that one.)"""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, UserInputError):
             return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        exc = getattr(exc, "cause", None) or exc.__cause__
     return None

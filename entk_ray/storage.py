@@ -142,7 +142,7 @@ def unreachable(exc: BaseException) -> bool:
         seen.add(id(exc))
         if isinstance(exc, StorageError) or isinstance(exc, tuple(kinds)):
             return True
-        exc = exc.__cause__ or exc.__context__
+        exc = getattr(exc, "cause", None) or exc.__cause__  # Ray's wrapper, then `raise … from`
     return False
 
 

@@ -64,7 +64,8 @@ def test_killed_driver_resumes_without_recomputing(ray_local, tmp_path, monkeypa
     rc, events, err = run_child(tmp_path, out, store, {"event": "block", "count": 3}, "2")
     assert rc == -9, err[-3000:]
     assert not computed(events, "shard") & stored, "a finished shard was recomputed"
-    assert computed(events, "shard_loaded") == finished_shards
+    # (⊇: an actor of the killed driver may finish writing a shard after the listing.)
+    assert computed(events, "shard_loaded") >= finished_shards
     stored = stored_keys(store)
     finished_blocks = {k for k in stored if k.startswith("blocks/")}
     assert len(finished_blocks) >= 3
@@ -111,6 +112,7 @@ def test_corrupt_artifacts_are_recomputed_and_the_run_goes_on(ray_local, tmp_pat
 
     monkeypatch.setattr(pipeline, "build_benchmark", pipeline_child.benchmark)
     cfg = pipeline_child.make_config(str(tmp_path / "out"), str(tmp_path / "store"))
+    cfg.solver.rounds = 1  # one Tune run per sweep: what is tested is the store
 
     def run():
         backend = RayBackend(cfg, featurizer_factory=pipeline_child.factory(cfg))
@@ -143,3 +145,33 @@ def test_corrupt_artifacts_are_recomputed_and_the_run_goes_on(ray_local, tmp_pat
     assert not backend.stats["reused"] and backend.stats["shards_computed"] > 0
     assert all(math.isfinite(row["beta"]) for row in third.rows if "beta" in row)
     assert format_table(third.rows) == format_table(first.rows)
+
+
+def test_stored_bfloat16_shards_are_loaded_not_recomputed(ray_local, tmp_path):
+    """Φ shards are stored in their storage dtype (bfloat16 as its int16 bits) and a rerun whose
+    blocks are missing loads them into the object store: no feature is computed again."""
+    import numpy as np
+
+    from entk_ray.distributed.testing import TinyFeaturizerFactory, tiny_benchmark
+
+    cfg = pipeline_child.make_config(str(tmp_path / "out"), str(tmp_path / "store"))
+    cfg.features.storage_dtype = "bfloat16"
+    benchmark = tiny_benchmark(n_train=48, n_id_val=16, n_ood=16, seed=4)
+    factory = TinyFeaturizerFactory(cfg.features, seed=3)
+    first = RayBackend(cfg, featurizer_factory=factory, keep_partials=True)
+    ks = first.kernels(cfg, benchmark, progress=False)
+    ns = first.namespace
+    phi_keys = [k for k in ns.keys("shards/") if k.endswith("/phi")]
+    assert len(phi_keys) == 3 + 1 + 1
+    assert ns.meta(phi_keys[0])["dtype"] == "<i2" and ns.meta(phi_keys[0])["meta"]["storage_dtype"] == "bfloat16"
+    ns.delete("kernels/")
+    ns.delete("blocks/")
+
+    again = RayBackend(cfg, featurizer_factory=factory)
+    ks2 = again.kernels(cfg, benchmark, progress=False)
+    assert again.stats["shards_loaded"] == 5 and again.stats["shards_computed"] == 0
+    # Same Φ bits in, same block code: equal up to round-off (the BLAS may sum in another order).
+    np.testing.assert_allclose(ks2.train, ks.train, rtol=0, atol=1e-6 * np.abs(ks.train).max())
+    np.testing.assert_allclose(ks2.evals["ood:shifted"], ks.evals["ood:shifted"], rtol=0,
+                               atol=1e-6 * np.abs(ks.train).max())
+    np.testing.assert_array_equal(ks2.embeddings["train"], ks.embeddings["train"])

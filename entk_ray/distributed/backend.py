@@ -263,16 +263,17 @@ class _KernelStage:
         whose Φ no missing block reads needs neither; one that a missing block reads is loaded
         when its Φ is stored; anything else is computed."""
         needed = self.assembler.needed_shards()
+        stored = set(self.ns.keys("shards/")) if self.ns is not None else set()  # one listing
         compute, load = [], []
         for rows in shards.values():
             for shard in rows:
-                emb = self.ns.get_array(shard.key("embeddings")) if self.ns is not None else None
+                emb = self.ns.get_array(shard.key("embeddings")) if shard.key("embeddings") in stored else None
                 if emb is not None:
                     self._put_embeddings(shard, emb)
                 if emb is None:
                     compute.append(shard)
                 elif shard in needed:
-                    (load if self.ns.has(shard.key("phi")) else compute).append(shard)
+                    (load if shard.key("phi") in stored else compute).append(shard)
         if load:
             log.info("loading %d stored feature shards, computing %d", len(load), len(compute))
         return compute, load
