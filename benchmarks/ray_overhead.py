@@ -5,12 +5,20 @@
     python benchmarks/ray_overhead.py            # the quick-start as configured (slow on 2 cores)
     python benchmarks/ray_overhead.py --quick    # a smaller digits run (a few minutes)
     python benchmarks/ray_overhead.py --quick --repeats 5 --set features.p=50000
+    python benchmarks/ray_overhead.py --sweep-only   # the β sweep alone, on a random problem (seconds)
 
 Both backends get the same config, data and number of cores; Ray is started once before the
 timed runs (its start-up time is printed separately: a long-lived cluster pays it once), and the
 artifact store is off so nothing is reused between repetitions. Repetitions alternate the order
 of the two backends. Prints per-stage medians, checks that both produced the same K, and ends
 with ``ratio: <median Ray time / median single-process time>`` (target ≤ 1.3 on 2 cores).
+
+``--sweep-only`` times the telescopic β sweep alone at the quick-start's size (n = 1,000 train,
+m = 500 + 500 evaluation rows, C = 10, its solver settings: 3 rounds, 1,000 steps; 19 r values,
+as in the quick-start, whose best r is also the grid's smallest) on a seeded random kernel (no
+features): the Ray Tune sweep (``tune_sweep``) against the one-process ``solve_sweep``, both
+including the driver's eigh, after checking that both give the same runs. Its last line is
+``ratio: <median Tune sweep / median one-process sweep>`` (target ≤ 2).
 """
 from __future__ import annotations
 
@@ -58,13 +66,86 @@ def one_run(backend, cfg: Config, benchmark) -> tuple[dict, np.ndarray]:
     return {"features+kernels": t1 - t0, "sweep": t2 - t1, "total": t2 - t0}, ks.train
 
 
+def random_problem(n: int = 1000, m: int = 500, classes: int = 10, dim: int = 1024, seed: int = 0):
+    """A seeded kernel problem of the quick-start's shape: K = XXᵀ for n points in ``classes``
+    noisy clusters, ID and OOD evaluation sets of ``m`` points each (OOD noisier)."""
+    from entk_ray.solvers import make_problem
+
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, dim))
+
+    def points(count: int, noise: float):
+        labels = rng.integers(0, classes, count)
+        return centers[labels] + noise * rng.normal(size=(count, dim)), labels
+
+    x, y = points(n, 3.0)
+    xe, ye = points(m, 3.0)
+    xo, yo = points(m, 4.5)
+    x, xe, xo = (a / np.sqrt(dim) for a in (x, xe, xo))
+    return make_problem(x @ x.T, y, {"id_val": xe @ x.T, "ood:random": xo @ x.T}, {"id_val": ye, "ood:random": yo},
+                        classes)
+
+
+def sweep_only(cfg: Config, repeats: int, rs_per_trial: int) -> int:
+    """The β sweep alone: Tune (one Tuner) against one process, on a random quick-start-sized problem."""
+    from entk_ray.distributed import init_ray, shutdown_ray
+    from entk_ray.distributed.sweep import tune_sweep
+    from entk_ray.solvers import SolverSettings, solve_sweep
+
+    problem = random_problem(n=cfg.data.n_train, m=cfg.data.n_id_val, classes=10)
+    settings = SolverSettings.from_config(cfg.solver)
+    scratch = tempfile.mkdtemp(prefix="entk_ray_sweep_")
+    cfg.store.out_dir = scratch
+    start = time.perf_counter()
+    started = init_ray(None, include_dashboard=False)
+    import ray
+
+    print(f"random problem n={problem.n}, eval {[k.shape[0] for k in problem.eval_kernels.values()]}, C=10; "
+          f"solver {settings.method}, {settings.rounds} rounds, max_steps {settings.max_steps}; "
+          f"{rs_per_trial} r per trial", flush=True)
+    print(f"ray {ray.__version__} start-up: {time.perf_counter() - start:.1f}s (not in the ratio); "
+          f"resources {ray.cluster_resources()}", flush=True)
+    times: dict[str, list[float]] = {"local": [], "tune": []}
+    try:
+        for rep in range(repeats):
+            order = ["local", "tune"] if rep % 2 == 0 else ["tune", "local"]
+            runs = {}
+            for name in order:
+                t0 = time.perf_counter()
+                if name == "local":
+                    runs[name] = solve_sweep(problem, settings)
+                else:
+                    runs[name] = tune_sweep(cfg, problem, name=f"bench-{rep}", rs_per_trial=rs_per_trial)
+                times[name].append(time.perf_counter() - t0)
+            same = [(r.r, r.beta, r.round, r.final_step) for r in runs["tune"]] == \
+                [(r.r, r.beta, r.round, r.final_step) for r in runs["local"]] and all(
+                np.array_equal(a.accuracy[k], b.accuracy[k]) for a, b in zip(runs["tune"], runs["local"])
+                for k in b.accuracy)
+            print(f"rep {rep}: {len(runs['local'])} r values; local {times['local'][-1]:6.2f}s  "
+                  f"tune {times['tune'][-1]:6.2f}s  same runs: {same}", flush=True)
+            if not same:
+                raise SystemExit("the Tune sweep and the one-process sweep differ")
+    finally:
+        shutdown_ray(started)
+        shutil.rmtree(scratch, ignore_errors=True)
+    local, tune = statistics.median(times["local"]), statistics.median(times["tune"])
+    print(f"medians over {repeats} repetitions: one process {local:.2f}s, Tune {tune:.2f}s")
+    print(f"ratio: {tune / local:.3f}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"smaller run: {QUICK}")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of each backend")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="config override (repeatable)")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="time only the β sweep (Tune vs one process) on a random quick-start-sized problem")
+    parser.add_argument("--rs-per-trial", type=int, default=1, help="--sweep-only: r values per Tune trial")
     args = parser.parse_args(argv)
+    if args.sweep_only:
+        return sweep_only(base_config(False, args.set), args.repeats, args.rs_per_trial)
 
     from entk_ray.distributed import RayBackend
     from entk_ray.backends import LocalBackend

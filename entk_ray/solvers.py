@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,6 +142,8 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
 # --------------------------------------------------------------------------------------------
 def kernel_ridge(kernel: np.ndarray, targets: np.ndarray, beta: float) -> np.ndarray:
     """α* = (K + βI)⁻¹ Y by a Cholesky solve."""
+    import scipy.linalg  # here: Tune trial actors import this module and never need SciPy
+
     if not beta > 0:
         raise ValueError(f"beta must be positive, got {beta}")
     a = kernel + beta * np.eye(kernel.shape[0])

@@ -33,8 +33,8 @@ def event_key(event: str, payload: dict) -> str | None:
         return payload["shard"].key("phi")
     if event == "block":
         return payload["block"].key
-    if event == "round":
-        return f"round{payload['index']}"
+    if event == "sweep_trial":
+        return ",".join(f"r={run.r!r}" for run in payload["runs"])
     return None
 
 

@@ -3,9 +3,10 @@
 The pipeline runs in a child process (``pipeline_child.py``: tiny model and benchmark, RayBackend
 with a local artifact store, joined to this session's Ray) that SIGKILLs itself at a chosen
 event: after 2 feature shards, after 3 kernel blocks, after the kernel set is stored, after the
-first sweep round. Each rerun starts from what the killed one left. Before every rerun the store
-is listed; the rerun's events say what it computed (shards, blocks, sweep rounds), and none of it
-may be in that listing. The last run completes, and its table equals an uninterrupted run's.
+first sweep round (its 3 trials). Each rerun starts from what the killed one left. Before every
+rerun the store is listed; the rerun's events say what it computed (shards, blocks, sweep r
+values), and none of it may be in that listing. The last run completes, and its table equals an
+uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -78,19 +79,24 @@ def test_killed_driver_resumes_without_recomputing(ray_local, tmp_path, monkeypa
     stored = stored_keys(store)
     assert "kernels/train" in stored and not any(k.startswith(("blocks/", "shards/")) for k in stored)
 
-    # 4. Rerun, killed after the first sweep round: kernels are loaded, no feature or block work at all.
-    rc, events, err = run_child(tmp_path, out, store, {"event": "round", "count": 1}, "4")
+    # 4. Rerun, killed after the first sweep round (3 r values, one trial each): kernels are
+    #    loaded, no feature or block work at all.
+    rc, events, err = run_child(tmp_path, out, store, {"event": "sweep_trial", "count": 3}, "4")
     assert rc == -9, err[-3000:]
     assert not {e["event"] for e in events} & {"actors", "shard", "shard_loaded", "block"}
-    assert computed(events, "round") == {"round0"}
+    stored = stored_keys(store)
+    solved = {k.rsplit("/", 1)[1] for k in stored if k.startswith("sweep-runs/")}
+    assert computed(events, "sweep_trial") <= solved and len(solved) >= 3
 
-    # 5. Rerun to the end: only the second sweep round runs.
+    # 5. Rerun to the end: only the r values not yet solved run.
     rc, events, err = run_child(tmp_path, out, store, None, "5")
     assert rc == 0, err[-3000:]
-    assert [e["event"] for e in events] == ["round"] and computed(events, "round") == {"round1"}
+    assert {e["event"] for e in events} <= {"sweep_trial", "round"}
+    assert computed(events, "sweep_trial") and not computed(events, "sweep_trial") & solved
     stats = json.loads((out / "stats.json").read_text())
     assert stats["reused"] and stats["shards_computed"] == stats["blocks_computed"] == 0
-    assert stats["sweep_rounds_cached"] == 1 and stats["sweep_rounds_computed"] == 1
+    assert stats["sweep_runs_cached"] == len(solved) and stats["sweep_runs_computed"] >= 1
+    assert not any(k.startswith("sweep-runs/") for k in stored_keys(store))  # folded into sweeps/<key>
 
     # The same table as an uninterrupted run (in this process, with its own output folder and store).
     cfg = pipeline_child.make_config(str(tmp_path / "ref"), str(tmp_path / "ref-store"))
@@ -112,7 +118,7 @@ def test_corrupt_artifacts_are_recomputed_and_the_run_goes_on(ray_local, tmp_pat
 
     monkeypatch.setattr(pipeline, "build_benchmark", pipeline_child.benchmark)
     cfg = pipeline_child.make_config(str(tmp_path / "out"), str(tmp_path / "store"))
-    cfg.solver.rounds = 1  # one Tune run per sweep: what is tested is the store
+    cfg.solver.rounds = 1  # a short sweep: what is tested is the store
 
     def run():
         backend = RayBackend(cfg, featurizer_factory=pipeline_child.factory(cfg))
@@ -131,7 +137,7 @@ def test_corrupt_artifacts_are_recomputed_and_the_run_goes_on(ray_local, tmp_pat
     with caplog.at_level("WARNING", logger="entk_ray.store"):
         second, backend = run()
     assert f"'sweeps/{sweep.stem}'" in caplog.text
-    assert backend.stats["reused"] and backend.stats["sweep_rounds_computed"] == cfg.solver.rounds
+    assert backend.stats["reused"] and backend.stats["sweep_runs_computed"] == len(cfg.solver.r_grid)
     assert format_table(second.rows) == format_table(first.rows)
 
     # Flipped bytes in K: recomputed (from scratch: the partials were deleted once K was stored).

@@ -4,7 +4,7 @@ The driver (this process) owns the run: it joins or starts Ray, hashes the run's
 loads whatever the artifact store already has for it, starts the feature actors for the rest,
 launches kernel-block tasks as soon as their two shards exist, gathers blocks into the
 preallocated K / K_e, releases the actors, and finally runs the telescopic β search as one Ray
-Tune run per round. The math is the single-process code (``Featurizer``, ``kernels.gram_block``,
+Tune run. The math is the single-process code (``Featurizer``, ``kernels.gram_block``,
 ``SpectralSolver``/``nag_solve``, ``telescopic_search``), so :class:`RayBackend` reproduces
 :class:`entk_ray.backends.LocalBackend`.
 
@@ -13,13 +13,13 @@ max_blocks_in_flight, tune_max_concurrent), ``cfg.store`` (artifact_store) and `
 
 Resuming. Every finished piece is in the store under the run's fingerprint as soon as it is done:
 each shard's Φ (in its storage dtype) and embeddings (written by the feature actor before it
-returns), each kernel block (by its task), the kernel set, and each round of the β sweep. A driver
+returns), each kernel block (by its task), the kernel set, and each solved r of the β sweep. A driver
 killed at any point and rerun with the same command therefore recomputes nothing finished:
 
 * K, each K_e and the embeddings stored → loaded, no shard and no block is touched;
 * else stored blocks are placed, and the shards that missing blocks read are loaded from the store
   into the object store (a ``load_stored_shard`` task each) or, if not stored, computed;
-* sweep rounds already stored (with the same r values) are loaded, the rest run on Tune.
+* the sweep's r values already solved are loaded and the search goes on from them on Tune.
 
 Every load is verified (``entk_ray.store``): a corrupt artifact is logged, discarded and
 recomputed. Once K, K_e and the embeddings are stored, the per-shard and per-block artifacts are
@@ -75,12 +75,13 @@ class RayBackend(Backend):
         on_event: optional ``hook(event, backend=..., **payload)`` called on the driver for
             ``"actors"`` (pool), ``"shard"`` (a computed shard: result, pool), ``"shard_loaded"``
             (shard: Φ loaded from the store), ``"block"`` (a computed block: block),
-            ``"kernels"`` (the kernel set is stored) and ``"round"`` (a computed sweep round, stored:
-            index, runs); used by fault-injection tests.
+            ``"kernels"`` (the kernel set is stored), ``"sweep_trial"`` (a sweep trial ended, its
+            runs stored: runs) and ``"round"`` (after the sweep, per round: index, runs); used by
+            fault-injection tests.
         keep_partials: keep per-block / per-shard artifacts after the whole kernels are stored.
 
     ``stats`` counts what the last run did: ``shards_computed``, ``shards_loaded``,
-    ``blocks_computed``, ``blocks_cached``, ``sweep_rounds_computed``, ``sweep_rounds_cached``,
+    ``blocks_computed``, ``blocks_cached``, ``sweep_runs_computed``, ``sweep_runs_cached`` (r values),
     ``shard_failures``, ``reused`` (the whole kernel set came from the store), ...
         max_restarts, max_task_retries: feature-actor fault tolerance.
         init_kwargs: extra ``ray.init`` arguments when this backend starts Ray.
@@ -135,38 +136,41 @@ class RayBackend(Backend):
 
     # ------------------------------------------------------------------ sweep
     def sweep(self, cfg: Config, problem: KernelProblem) -> list[SolverRun]:
-        """The telescopic search as Ray Tune runs; reused from the store when already done, and
-        resumed round by round when a previous run stopped part way."""
+        """The telescopic search as one Ray Tune run; reused from the store when already done, and
+        resumed when a previous run stopped part way (every solved r is stored as its trial ends)."""
         ns = self.namespace
         key = _sweep_key(cfg, problem) if ns is not None else None
         stats = self.stats
-        stats.update(sweep_rounds_computed=0, sweep_rounds_cached=0)
+        stats.update(sweep_runs_computed=0, sweep_runs_cached=0)
         if key is not None:
             stored = ns.get_json(f"sweeps/{key}")
             if stored is not None:
                 log.info("sweep results loaded from %s", ns.uri)
                 return [SolverRun.from_dict(doc) for doc in stored]
+        completed = {}
+        if key is not None:
+            for run_key in ns.keys(f"sweep-runs/{key}/"):
+                doc = ns.get_json(run_key)  # verified; a damaged one is discarded and solved again
+                if doc is not None:
+                    run = SolverRun.from_dict(doc)
+                    completed[run.r] = run
+            if completed:
+                log.info("sweep: %d r values loaded from %s, the rest run on Tune", len(completed), ns.uri)
+        stats["sweep_runs_cached"] = len(completed)
 
-        def load_round(rs: list[float], index: int) -> list[SolverRun] | None:
-            doc = ns.get_json(_round_key(key, index)) if key is not None else None
-            if doc is None or doc.get("rs") != [float(r) for r in rs]:
-                return None
-            stats["sweep_rounds_cached"] += 1
-            log.info("sweep round %d loaded from %s", index, ns.uri)
-            return [SolverRun.from_dict(run) for run in doc["runs"]]
-
-        def finished_round(index: int, runs: list[SolverRun]) -> None:
-            if key is not None:
-                ns.save_json(_round_key(key, index), {"rs": [float(run.r) for run in runs],
-                                                      "runs": [run.to_dict() for run in runs]})
-            stats["sweep_rounds_computed"] += 1
-            self._emit("round", index=index, runs=runs)
+        def trial_done(runs: list[SolverRun]) -> None:
+            for run in runs:
+                if key is not None:
+                    ns.save_json(_run_key(key, run.r), run.to_dict())
+            stats["sweep_runs_computed"] += len(runs)
+            self._emit("sweep_trial", runs=runs)
 
         name = f"sweep-{(self.fingerprint or 'kernels')[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
-        runs = tune_sweep(cfg, problem, name=name, load_round=load_round, on_round=finished_round)
+        runs = tune_sweep(cfg, problem, name=name, completed=completed, on_result=trial_done,
+                          on_round=lambda i, rs: self._emit("round", index=i, runs=rs))
         if key is not None:
             ns.save_json(f"sweeps/{key}", [run.to_dict() for run in runs], meta={"solver": vars(cfg.solver)})
-            ns.delete(f"sweep-rounds/{key}/")
+            ns.delete(f"sweep-runs/{key}/")
         return runs
 
 
@@ -457,8 +461,9 @@ def _shard_order(shard: Shard) -> tuple:
     return (shard.split != TRAIN, shard.split, shard.index)
 
 
-def _round_key(sweep_key: str, index: int) -> str:
-    return f"sweep-rounds/{sweep_key}/round{index}"
+def _run_key(sweep_key: str, r: float) -> str:
+    """One solved r of an unfinished sweep (``repr``: the float back exactly)."""
+    return f"sweep-runs/{sweep_key}/r={float(r)!r}"
 
 
 def _sweep_key(cfg: Config, problem: KernelProblem) -> str:

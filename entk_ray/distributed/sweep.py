@@ -1,162 +1,214 @@
-"""The telescopic β search as Ray Tune runs: one Tuner (a grid over the round's r values) per round.
+"""The telescopic β search as one Ray Tune run.
 
-:func:`entk_ray.solvers.telescopic_search` drives the rounds; its ``run_round`` here launches one
-Tune run whose trials each solve one r and report every recorded step with ``ray.tune.report``
-(step, r, β, relative gradient norm, the accuracy of each evaluation set). The result grid is
-turned back into :class:`~entk_ray.solvers.SolverRun` objects in the order of the round's r values,
-so the search, its tie-breaking and the report are exactly those of the single-process
-:func:`entk_ray.solvers.solve_sweep`.
+One ``Tuner`` runs the whole search: :class:`~entk_ray.distributed.sweep_trials.TelescopicSearcher`
+proposes round 0's r values, waits for their results and proposes each zoomed round, following
+:func:`entk_ray.solvers.telescopic_search` itself; trials
+(:class:`~entk_ray.distributed.sweep_trials.SweepTrial`, named ``entk_sweep_<method>``) solve one
+r each by default (``rs_per_trial`` for batches) on reused actors and report one result per r.
+After the run the driver replays ``telescopic_search`` over the trials' results, so the returned
+:class:`~entk_ray.solvers.SolverRun` list (order, rounds, tie-breaking) is exactly that of the
+single-process :func:`entk_ray.solvers.solve_sweep`.
 
-What reaches a trial (through ``tune.with_parameters``, i.e. put in the object store once for the
-whole sweep and read zero-copy by every trial):
+What reaches a trial (a :class:`~entk_ray.distributed.sweep_trials.PathBatch`, put in the object
+store once for the whole sweep through ``tune.with_parameters`` and read once per trial actor):
 
 * ``solver.method == "spectral"``: the driver does the one ``eigh`` and ships only the
   :class:`~entk_ray.solvers.Spectrum` — eigenvalues, c = UᵀY, K_e U per evaluation set, labels —
-  O(n·(C + Σm_e)) numbers instead of K and U. Each trial runs :meth:`SpectralSolver.path` on it
-  (O(steps·n) plus one GEMM for its evaluations), so its numbers are those of the local path.
+  O(n·(C + Σm_e)) numbers instead of K and U. Each trial runs :meth:`SpectralSolver.path` on it.
 * ``solver.method == "nag"``: the iterative solver needs K itself, so the whole
   :class:`KernelProblem` goes (once), with λ_max/λ_min computed once on the driver.
 
-Tune's files go to ``<out_dir>/tune/<name>-round<k>`` (absolute path); no checkpoints are written.
+Tune's files go to ``<tune storage>/<name>`` (:func:`tune_storage`: the artifact store's prefix
+when it is remote, so every node of a cluster reaches it, else ``<out_dir>/tune``), one folder per
+trial named by round and r (``round1_r=3.162e-05_<id>``) holding ``result.json`` (one line per r)
+and the trial's ``params.json``/``params.pkl``; no checkpoints, CSV or TensorBoard files. A small
+sweep runs on one reused trial actor (:func:`trial_slots`); ``ray.tune_max_concurrent`` overrides.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-
 from entk_ray.distributed import metrics
-from entk_ray.solvers import (
-    KernelProblem,
-    SolverRun,
-    SolverSettings,
-    SpectralSolver,
-    Spectrum,
-    extreme_eigenvalues,
-    nag_solve,
-    telescopic_search,
-)
+from entk_ray.distributed.runtime import cluster_cpus
+from entk_ray.solvers import KernelProblem, SolverRun, SolverSettings, telescopic_search
+from entk_ray.storage import filesystem_for, is_remote, join_url
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
-# Trials
+# Where Tune writes
 # --------------------------------------------------------------------------------------------
-def _report(run: SolverRun) -> None:
-    """One ``tune.report`` per recorded step; the last also carries the whole path as JSON so the
-    driver rebuilds the :class:`SolverRun` exactly (Tune's data frames round floats)."""
-    from ray import tune
+def tune_storage(cfg):
+    """``(storage_path, storage_filesystem)`` for Tune.
 
-    last = len(run.steps) - 1
-    for i, step in enumerate(run.steps):
-        result = {"step": int(step), "r": run.r, "beta": run.beta, "grad_norm": float(run.grad_norm[i]),
-                  "accuracy": {name: float(acc[i]) for name, acc in run.accuracy.items()},
-                  "converged": bool(run.converged and i == last), "method": run.method}
-        if i == last:
-            result["path"] = json.dumps(run.to_dict())
-        tune.report(result)
+    Multi-node clusters need storage every node reaches: the artifact store's prefix when it is
+    remote (``s3://bucket/prefix`` → ``bucket/prefix/tune``), else the run's output folder
+    (``<out_dir>/tune``, absolute; remote too when ``out_dir`` is a URL). A remote path comes
+    with a pyarrow filesystem over the same fsspec filesystem (and ``cfg.storage_options``) the
+    store uses; a local path with ``None``.
+    """
+    artifact_store = cfg.store.artifact_store
+    base = artifact_store if artifact_store and is_remote(artifact_store) else str(cfg.store.out_dir)
+    if not is_remote(base):
+        return str((Path(base) / "tune").resolve()), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-
-def spectral_trial(config: dict, spectrum: Spectrum, settings: SolverSettings) -> None:
-    """Tune trial: the exact NAG path at one r from the precomputed spectrum."""
-    s = settings
-    _report(SpectralSolver(spectrum).path(config["r"], s.max_steps, s.eval_every, s.tol, s.momentum))
+    fs, inner = filesystem_for(join_url(base, "tune"), cfg.storage_options)
+    return inner, PyFileSystem(FSSpecHandler(fs))
 
 
-def nag_trial(config: dict, problem: KernelProblem, extremes: tuple[float, float], settings: SolverSettings) -> None:
-    """Tune trial: iterative NAG at one r (needs K; λ_max/λ_min come from the driver)."""
-    s = settings
-    _report(nag_solve(problem, config["r"], s.max_steps, s.eval_every, s.tol, s.momentum,
-                      lam_max=extremes[0], lam_min=extremes[1]))
-
-
-# --------------------------------------------------------------------------------------------
-# The sweep
-# --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet_tune():
-    """Tune without its console tables: the legacy reporter at verbose=0 prints nothing (the new
-    one still prints a box per run), and Tune's INFO lines and its "Tune detects GPUs, but no
-    trials are using GPUs" warning (trials are CPU work by design) are silenced. Results, errors
-    and the files under the storage path are unaffected."""
-    old_env = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    """Tune without its console tables and without files nobody asked for.
+
+    The legacy reporter at verbose=0 prints nothing (the new one still prints a box per run);
+    Tune's INFO lines and its "Tune detects GPUs, but no trials are using GPUs" warning (trials are
+    CPU work by design) are silenced; the automatic CSV and TensorBoard loggers are not created
+    (the JSON logger, which Tune's result grid reads, is passed explicitly). Results, errors and
+    the files under the storage path are otherwise unaffected."""
+    env = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+    old_env = {key: os.environ.get(key) for key in env}
     tune_logger = logging.getLogger("ray.tune.tune")
     old_level = tune_logger.level
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    os.environ.update(env)
     tune_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
         tune_logger.setLevel(old_level)
-        if old_env is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = old_env
+        for key, value in old_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-def tune_storage_path(out_dir: str) -> str:
-    """Absolute Tune storage path under the run's output folder (URIs pass through)."""
-    if "://" in str(out_dir):
-        return f"{str(out_dir).rstrip('/')}/tune"
-    return str((Path(out_dir) / "tune").resolve())
+# --------------------------------------------------------------------------------------------
+# How many trials at once
+# --------------------------------------------------------------------------------------------
+#: Work (floating-point operations) that pays for starting one more trial actor: a new actor costs
+#: about 1.5 s of one core (a worker process importing Ray Tune), ~3·10¹⁰ flops of NumPy/BLAS.
+ACTOR_START_FLOPS = 3e10
 
 
+def path_flops(problem: KernelProblem, settings: SolverSettings) -> float:
+    """Rough cost of one r's path: the recurrence (spectral: O(n) per step; nag: a K product per
+    step) plus scoring every recorded step on every evaluation set."""
+    n, classes = problem.n, problem.targets.shape[1]
+    recorded = math.ceil(settings.max_steps / settings.eval_every)
+    scoring = 2.0 * sum(k.shape[0] for k in problem.eval_kernels.values()) * n * classes * recorded
+    per_step = 12.0 * n if settings.method == "spectral" else 2.0 * n * n * classes
+    return settings.max_steps * per_step + scoring
+
+
+def trial_slots(problem: KernelProblem, settings: SolverSettings, cpu_slots: int, rs_per_trial: int = 1) -> int:
+    """Trials to run at once: enough actors for a round's work, at most one per CPU slot and per
+    trial of the largest round, and at least one. A small sweep (the quick-start's) runs on one
+    reused actor: a second one would cost more to start than the work it takes over."""
+    largest_round = max(len(settings.r_grid), settings.points_per_round if settings.rounds > 1 else 0)
+    trials = math.ceil(largest_round / rs_per_trial)
+    worth = math.ceil(largest_round * path_flops(problem, settings) / ACTOR_START_FLOPS)
+    return max(1, min(cpu_slots, trials, worth))
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------------
 def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: float = 1.0,
+               rs_per_trial: int = 1,
                on_round: Callable[[int, list[SolverRun]], None] | None = None,
-               load_round: Callable[[list[float], int], list[SolverRun] | None] | None = None) -> list[SolverRun]:
-    """The telescopic β search of ``cfg.solver`` with one Ray Tune run per round.
+               completed: Mapping[float, SolverRun] | None = None,
+               on_result: Callable[[list[SolverRun]], None] | None = None) -> list[SolverRun]:
+    """The telescopic β search of ``cfg.solver`` as one Ray Tune run (see the module docstring).
 
-    ``load_round(rs, index)`` may return a round's runs from an earlier, interrupted run (then no
-    Tune run starts for it); ``on_round(index, runs)`` is called after each round that ran."""
+    ``rs_per_trial`` r values are solved per trial (1: one trial, and one folder, per β); every
+    r still gets its own Tune result. ``on_round(index, runs)`` is called on the driver for each
+    round, in order, once the search is done. Returns the runs of :func:`solve_sweep`, equal.
+
+    Resuming: ``completed`` holds runs an interrupted sweep already solved (r → run); the search
+    takes them as done and no trial solves them again. ``on_result(runs)`` is called on the
+    driver as each trial completes, so a caller can store every run as soon as it exists."""
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
-    s = settings = SolverSettings.from_config(cfg.solver)
-    if s.method == "spectral":
-        spectrum, _ = Spectrum.of(problem)  # the one eigh, on the driver; U stays here
-        trainable = tune.with_parameters(spectral_trial, spectrum=spectrum, settings=settings)
-    elif s.method == "nag":
-        extremes = extreme_eigenvalues(problem.kernel)
-        trainable = tune.with_parameters(nag_trial, problem=problem, extremes=extremes, settings=settings)
-    else:
-        raise ValueError(f"solver method must be 'spectral' or 'nag', got {s.method!r}")
-    trainable = tune.with_resources(trainable, {"cpu": trial_cpus})
-    storage = tune_storage_path(cfg.store.out_dir)
+    from entk_ray.distributed.sweep_trials import (
+        PathBatch,
+        TelescopicSearcher,
+        trainable_for,
+        trial_dirname,
+        trial_name,
+        trial_paths,
+    )
 
-    def run_round(rs: list[float], round_index: int) -> list[SolverRun]:
-        if not rs:
-            return []
-        stored = load_round(rs, round_index) if load_round is not None else None
-        if stored is not None:
-            return stored
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"r": tune.grid_search(list(rs))},
-            tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=cfg.ray.tune_max_concurrent),
-            run_config=tune.RunConfig(name=f"{name}-round{round_index}", storage_path=storage, verbose=0,
-                                      log_to_file=True),
-        )
-        with _quiet_tune():
-            grid = tuner.fit()
-        if grid.errors:
-            raise RuntimeError(f"{len(grid.errors)} sweep trial(s) of round {round_index} failed: {grid.errors[0]}")
-        by_r: dict[float, SolverRun] = {}
-        for result in grid:
-            run = SolverRun.from_dict(json.loads(result.metrics["path"]))
-            by_r[float(result.config["r"])] = run
+    settings = SolverSettings.from_config(cfg.solver)
+    batch = PathBatch.for_problem(problem, settings)  # validates the method before any Tune work
+    searcher = TelescopicSearcher(settings, problem.select_on, rs_per_trial)
+    done = {float(r): run for r, run in (completed or {}).items()}
+    searcher.completed.update({r: run.to_dict() for r, run in done.items()})
+    callbacks = [JsonLoggerCallback()] + ([_trial_runs_callback(on_result)] if on_result is not None else [])
+    storage_path, storage_filesystem = tune_storage(cfg)
+    concurrent = cfg.ray.tune_max_concurrent
+    if concurrent is None:
+        concurrent = trial_slots(problem, settings, int(cluster_cpus() // trial_cpus), rs_per_trial)
+    tuner = tune.Tuner(
+        trainable_for(batch, trial_cpus),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=-1, reuse_actors=True, max_concurrent_trials=concurrent,
+            trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=0,
+            log_to_file=True, callbacks=callbacks,
+            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),  # a path is one result
+    )
+    with _quiet_tune():
+        grid = tuner.fit()
+    if grid.errors:
+        raise RuntimeError(f"{len(grid.errors)} sweep trial(s) failed; the first: {grid.errors[0]}")
+    if searcher.failure is not None:  # the search itself raised (this process ran the searcher)
+        raise searcher.failure
+
+    by_r: dict[float, SolverRun] = dict(done)
+    for result in grid:
+        if "paths" in (result.metrics or {}):
+            for run in trial_paths(result.metrics):
+                by_r[run.r] = run
+
+    def replay_round(rs: list[float], round_index: int) -> list[SolverRun]:
         missing = [r for r in rs if float(r) not in by_r]
         if missing:
-            raise RuntimeError(f"sweep round {round_index}: no result for r = {missing}")
+            raise RuntimeError(f"sweep round {round_index}: Tune returned no result for r = {missing}")
         runs = [by_r[float(r)] for r in rs]
-        for run in runs:  # recorded by the driver (trial actors may exit before exporting)
+        for run in runs:
             metrics.record("solver_steps", run.final_step, method=run.method)
             metrics.record("solver_trials", 1, method=run.method)
-        if on_round is not None:
-            on_round(round_index, runs)
         return runs
 
-    return telescopic_search(run_round, s.r_grid, s.rounds, s.points_per_round, problem.select_on)
+    # The same search over the trials' results: the driver's list is solve_sweep's, by construction.
+    runs = telescopic_search(replay_round, settings.r_grid, settings.rounds, settings.points_per_round,
+                             problem.select_on)
+    if on_round is not None:
+        for round_index in sorted({run.round for run in runs}):
+            on_round(round_index, [run for run in runs if run.round == round_index])
+    log.info("sweep %s: %d r values in %d Tune trials, %d at a time", name, len(runs), len(grid), concurrent)
+    return runs
+
+
+def _trial_runs_callback(on_result: Callable[[list[SolverRun]], None]):
+    """A Tune callback handing each completed trial's runs to ``on_result`` (on the driver)."""
+    from ray.tune import Callback
+
+    from entk_ray.distributed.sweep_trials import trial_paths
+
+    class TrialRuns(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            if "paths" in result:
+                on_result(trial_paths(result))
+
+    return TrialRuns()
