@@ -30,6 +30,7 @@ import contextlib
 import logging
 import math
 import os
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -57,10 +58,36 @@ def tune_storage(cfg):
     base = artifact_store if artifact_store and is_remote(artifact_store) else str(cfg.store.out_dir)
     if not is_remote(base):
         return str((Path(base) / "tune").resolve()), None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    import ray
+    from pyarrow.fs import PyFileSystem
 
-    fs, inner = filesystem_for(join_url(base, "tune"), cfg.storage_options)
-    return inner, PyFileSystem(FSSpecHandler(fs))
+    url = join_url(base, "tune")
+    fs, inner = filesystem_for(url, cfg.storage_options)
+    return inner, PyFileSystem(_tune_filesystem_handler(fs, url, ray.put(dict(cfg.storage_options))))
+
+
+def _tune_filesystem_handler(fs, url: str, options_ref):
+    """pyarrow's handler over ``fs`` whose pickle holds no credentials.
+
+    Why: Tune pickles its storage filesystem twice — to ship it to the trial actors, which need
+    the credentials, and into ``tuner.pkl`` and the searcher state, which it writes next to the
+    results — and an fsspec filesystem pickles its options, S3 key and secret included. This
+    handler pickles as the URL and a reference to the options in Ray's object store (just an id):
+    a trial actor gets them from there, and no file ever holds them."""
+    from pyarrow.fs import FSSpecHandler
+
+    class CredentialFreeHandler(FSSpecHandler):
+        def __reduce__(self):
+            return _handler_from_object_store, (url, options_ref)
+
+    return CredentialFreeHandler(fs)
+
+
+def _handler_from_object_store(url: str, options_ref):
+    import ray
+
+    options = ray.get(options_ref, timeout=60)
+    return _tune_filesystem_handler(filesystem_for(url, options)[0], url, options_ref)
 
 
 @contextlib.contextmanager
@@ -151,7 +178,11 @@ def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: 
     searcher = TelescopicSearcher(settings, problem.select_on, rs_per_trial)
     done = {float(r): run for r, run in (completed or {}).items()}
     searcher.completed.update({r: run.to_dict() for r, run in done.items()})
-    callbacks = [JsonLoggerCallback()] + ([_trial_runs_callback(on_result)] if on_result is not None else [])
+    receiver_id = uuid.uuid4().hex
+    callbacks = [JsonLoggerCallback()]
+    if on_result is not None:
+        _RESULT_RECEIVERS[receiver_id] = on_result
+        callbacks.append(_trial_runs_callback(receiver_id))
     storage_path, storage_filesystem = tune_storage(cfg)
     concurrent = cfg.ray.tune_max_concurrent
     if concurrent is None:
@@ -166,8 +197,11 @@ def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: 
             log_to_file=True, callbacks=callbacks,
             checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),  # a path is one result
     )
-    with _quiet_tune():
-        grid = tuner.fit()
+    try:
+        with _quiet_tune():
+            grid = tuner.fit()
+    finally:
+        _RESULT_RECEIVERS.pop(receiver_id, None)
     if grid.errors:
         raise RuntimeError(f"{len(grid.errors)} sweep trial(s) failed; the first: {grid.errors[0]}")
     if searcher.failure is not None:  # the search itself raised (this process ran the searcher)
@@ -199,16 +233,24 @@ def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: 
     return runs
 
 
-def _trial_runs_callback(on_result: Callable[[list[SolverRun]], None]):
-    """A Tune callback handing each completed trial's runs to ``on_result`` (on the driver)."""
-    from ray.tune import Callback
+#: Driver-side receivers of trial results, by id: a Tune callback names its receiver instead of
+#: holding it, because Tune pickles its callbacks into ``tuner.pkl`` (and the receiver holds the
+#: artifact store, whose options may hold credentials).
+_RESULT_RECEIVERS: dict[str, Callable[[list[SolverRun]], None]] = {}
 
-    from entk_ray.distributed.sweep_trials import trial_paths
+
+def _trial_runs_callback(receiver_id: str):
+    """A Tune callback handing each completed trial's runs to ``_RESULT_RECEIVERS[receiver_id]``."""
+    from ray.tune import Callback
 
     class TrialRuns(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
+            from entk_ray.distributed import sweep  # by reference: a pickled copy holds only the id
+            from entk_ray.distributed.sweep_trials import trial_paths
+
+            receiver = sweep._RESULT_RECEIVERS.get(receiver_id)
             result = trial.last_result or {}
-            if "paths" in result:
-                on_result(trial_paths(result))
+            if receiver is not None and "paths" in result:
+                receiver(trial_paths(result))
 
     return TrialRuns()
