@@ -20,13 +20,19 @@ import yaml
 from entk_ray.errors import UserInputError
 from entk_ray.redaction import redact
 
-FEATURE_METHODS = ("auto", "hooks", "func")
+FEATURE_METHODS = ("auto", "sampled", "hooks", "func")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 BENCHMARKS = ("digits", "living17", "entity13", "entity30", "nonliving26", "image_folder")
 SOLVER_METHODS = ("spectral", "nag")
 TARGETS = ("onehot", "centered")
 SELECTIONS = ("id", "holdout")
 CORRUPT_POLICIES = ("fail", "skip")
+IMAGE_BENCHMARKS = ("living17", "entity13", "entity30", "nonliving26", "image_folder")  # decoded from image files
+# plan.hardware: detected, a preset of entk_ray.plan.PRESETS, or the plan.* numbers
+PLAN_HARDWARE = ("auto", "custom", "h100", "g5.12xlarge", "p4d.24xlarge", "r6i.8xlarge")
+PLAN_KERNEL_DTYPES = ("auto", "float64", "float32", "tf32", "bf16")
+PLAN_SOLVERS = ("auto", "gpu-spectral-float64", "gpu-spectral-float32", "gpu-nag-float64", "cpu-spectral-float64",
+                "cpu-nag-float64")
 
 
 class ConfigError(UserInputError, ValueError):
@@ -52,12 +58,15 @@ class FeatureConfig:
     p: int = 500_000
     param_seed: int = 0
     include_head: bool = False
-    method: str = "auto"  # hooks: per-layer batch gradients; func: torch.func vmap(grad)
+    method: str = "auto"  # auto/sampled: only S's coordinates; hooks: per-layer gradients; func: vmap(grad)
     batch_size: int = 32
     chunk_size: int = 8  # examples per vmap call: bounds memory at chunk × #params floats
     storage_dtype: str = "float32"
     device: str = "auto"  # auto: cuda when available, else cpu
     num_workers: int = 0  # DataLoader workers for decoding images
+    # CUDA only: TF32 (10-bit mantissa products, float32 sums) for the feature computation's
+    # matmuls and convolutions. Off by default; measure its effect on K before turning it on.
+    tf32: bool = False
 
 
 @dataclass
@@ -91,13 +100,16 @@ class SolverConfig:
     """Kernel ridge regression on the dual, solved by NAG, with a telescopic β search.
 
     β = r · tr(K)/n. Round 0 sweeps ``r_grid``; each later round zooms around the best r with a
-    log-space grid half as wide, ``rounds`` rounds in all.
+    log-space grid half as wide, ``rounds`` rounds in all. When the best r is the smallest or
+    largest value tried, the search extends past it at the grid's spacing, at most
+    ``max_extensions`` grid steps beyond ``r_grid`` on each side (one extra round each time).
     """
 
     method: str = "spectral"  # spectral: exact NAG path from one eigh; nag: iterative NAG
     r_grid: list[float] = field(default_factory=lambda: [10.0**k for k in range(-6, 3)])
     rounds: int = 3
     points_per_round: int = 9
+    max_extensions: int = 3
     max_steps: int = 1000
     eval_every: int = 10
     tol: float = 1e-6
@@ -114,6 +126,14 @@ class ProbeConfig:
 
     c_grid: list[float] = field(default_factory=lambda: [10.0**k for k in range(-7, 3)])
     max_iter: int = 1000
+
+
+@dataclass
+class ReportConfig:
+    """The results table: 95 % percentile-bootstrap intervals over the evaluation examples."""
+
+    bootstrap_resamples: int = 1000  # 0: no intervals
+    bootstrap_seed: int = 0
 
 
 @dataclass
@@ -135,14 +155,40 @@ class StoreConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The plan made before any work (:mod:`entk_ray.plan`): the hardware it is made for, whether
+    a run that does not fit is refused, and the choices a user may force instead of the plan."""
+
+    hardware: str = "auto"  # auto: this machine or the connected Ray cluster; a preset; custom
+    nodes: int = 1  # worker nodes of the preset (or of the custom spec)
+    head: str | None = None  # a preset for a separate driver node (e.g. r6i.8xlarge); None: a worker node
+    enforce: bool = True  # refuse a run that does not fit (false: print the shortfalls and go on)
+    storage_dtype: str = "auto"  # auto: features.storage_dtype when Φ fits in memory, else bfloat16; a dtype: forced
+    kernel_dtype: str = "auto"  # auto: float64 unless the GPU's float64 rate is < ¼ of its float32 rate
+    solver: str = "auto"  # auto: the fastest float64 solver that fits
+    tile_rows: int | None = None  # kernel tile rows; None: the plan's choice
+    # hardware: custom, per node (GB = 10⁹ bytes)
+    gpus: int = 0
+    gpu_type: str = "H100"  # whose planning rates apply: H100, A100-40G, A10G (others: A10G's)
+    gpu_memory_gb: float | None = None  # None: the GPU type's
+    cpus: int = 16
+    ram_gb: float = 64.0
+    disk_gb: float = 100.0
+    object_store_gb: float | None = None  # None: Ray's default
+    shm_gb: float | None = None  # None: half the RAM
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     use_ray: bool = False
     # fsspec options for every s3:// (or other remote) path of the run: data, weights, index
     # cache and artifact store, e.g. {"client_kwargs": {"endpoint_url": ...}, "key": ..., "secret": ...}.
@@ -205,6 +251,8 @@ class Config:
         _int("model.head_seed", m.head_seed)
         if check_paths and m.weights is not None:
             _existing_path("model.weights", m.weights, options)
+        if check_paths and m.weights is None:
+            _default_weights_available(m.name)
 
         _int("features.p", f.p, minimum=1, what="a positive integer")
         _int("features.param_seed", f.param_seed)
@@ -214,6 +262,8 @@ class Config:
         _choice("features.storage_dtype", f.storage_dtype, STORAGE_DTYPES)
         _choice("features.device", f.device.split(":")[0], ("auto", "cpu", "cuda"))
         _int("features.num_workers", f.num_workers, minimum=0, what="a non-negative integer")
+        if not isinstance(f.tf32, bool):
+            raise ConfigError(f"features.tf32 must be true or false, got {f.tf32!r}")
 
         _choice("data.benchmark", d.benchmark, BENCHMARKS)
         _int("data.seed", d.seed)
@@ -254,6 +304,7 @@ class Config:
                 raise ConfigError(f"solver.r_grid[{i}] must be a positive number, got {value!r}")
         _int("solver.rounds", s.rounds, minimum=1, what="a positive integer")
         _int("solver.points_per_round", s.points_per_round, minimum=2, what="an integer ≥ 2")
+        _int("solver.max_extensions", s.max_extensions, minimum=0, what="a non-negative integer")
         _int("solver.max_steps", s.max_steps, minimum=1, what="a positive integer")
         _int("solver.eval_every", s.eval_every, minimum=1, what="a positive integer")
         if not isinstance(s.tol, (int, float)) or not s.tol > 0:
@@ -270,6 +321,9 @@ class Config:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"probe.c_grid[{i}] must be a positive number, got {value!r}")
         _int("probe.max_iter", pr.max_iter, minimum=1, what="a positive integer")
+        _int("report.bootstrap_resamples", self.report.bootstrap_resamples, minimum=0,
+             what="a non-negative integer (0: no intervals)")
+        _int("report.bootstrap_seed", self.report.bootstrap_seed)
 
         if r.num_workers is not None:
             _int("ray.num_workers", r.num_workers, minimum=1, what="a positive integer or null")
@@ -279,6 +333,27 @@ class Config:
                 raise ConfigError(f"ray.{name} must be a non-negative number, got {value!r}")
         _int("ray.shard_size", r.shard_size, minimum=1, what="a positive integer")
         _int("ray.max_blocks_in_flight", r.max_blocks_in_flight, minimum=1, what="a positive integer")
+
+        pl = self.plan
+        _choice("plan.hardware", pl.hardware, PLAN_HARDWARE)
+        _int("plan.nodes", pl.nodes, minimum=1, what="a positive integer")
+        if pl.head is not None:
+            _choice("plan.head", pl.head, PLAN_HARDWARE[2:])
+        if not isinstance(pl.enforce, bool):
+            raise ConfigError(f"plan.enforce must be true or false, got {pl.enforce!r}")
+        _choice("plan.storage_dtype", pl.storage_dtype, ("auto", *STORAGE_DTYPES))
+        _choice("plan.kernel_dtype", pl.kernel_dtype, PLAN_KERNEL_DTYPES)
+        _choice("plan.solver", pl.solver, PLAN_SOLVERS)
+        if pl.tile_rows is not None:
+            _int("plan.tile_rows", pl.tile_rows, minimum=1, what="a positive integer or null")
+        _int("plan.gpus", pl.gpus, minimum=0, what="a non-negative integer")
+        _int("plan.cpus", pl.cpus, minimum=1, what="a positive integer")
+        for name in ("ram_gb", "disk_gb", "gpu_memory_gb", "object_store_gb", "shm_gb"):
+            value = getattr(pl, name)
+            if value is None and name not in ("ram_gb", "disk_gb"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"plan.{name} must be a positive number of GB, got {value!r}")
         return self
 
 
@@ -316,7 +391,8 @@ def _coerce_floats(ftype: str, value: Any) -> Any:
 
 _SECTIONS = {
     c.__name__: c
-    for c in (ModelConfig, FeatureConfig, DataConfig, SolverConfig, ProbeConfig, RayConfig, StoreConfig)
+    for c in (ModelConfig, FeatureConfig, DataConfig, SolverConfig, ProbeConfig, ReportConfig, RayConfig, StoreConfig,
+              PlanConfig)
 }
 
 
@@ -414,6 +490,21 @@ def _int(name: str, value: Any, minimum: int | None = None, what: str = "an inte
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _default_weights_available(model_name: str) -> None:
+    """Without model.weights the backbone's default file must be here (nothing is downloaded):
+    say so before any work, with the two ways out."""
+    from entk_ray.models import BACKBONES, WeightsNotFoundError
+
+    try:
+        BACKBONES[model_name].default_weights()
+    except WeightsNotFoundError as exc:
+        raise ConfigError(
+            f"model.weights is not set and the default {model_name} weights are not available here. "
+            f"Pass a checkpoint with --weights PATH (model.weights: a torchvision state_dict or a MoCo-v2 "
+            f"checkpoint, local or s3://), or use the bundled EfficientNet-Lite0 with --model efficientnet_lite0. "
+            f"({exc})") from exc
 
 
 def _existing_path(name: str, path: str, storage_options: dict[str, Any]) -> None:

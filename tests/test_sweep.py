@@ -99,7 +99,9 @@ def drive(searcher: TelescopicSearcher, solve, *, fail_first: bool = False, stop
 def test_searcher_proposes_the_rounds_of_the_one_process_search(rs_per_trial):
     problem = random_problem()
     expected_rounds, expected_runs = one_process_rounds(problem, SETTINGS)
-    assert len(expected_rounds) == 3 and len(expected_rounds[0]) == 5
+    # round 0's best r sits on the grid's upper edge, so the search extends past it before zooming
+    assert len(expected_rounds[0]) == 5 and expected_rounds[1] == pytest.approx([10.0, 100.0, 1000.0])
+    assert len(expected_rounds) == 4
 
     searcher = TelescopicSearcher(SETTINGS, problem.select_on, rs_per_trial=rs_per_trial)
     configs = drive(searcher, PathBatch.for_problem(problem, SETTINGS))
@@ -221,20 +223,6 @@ def test_cluster_runtime_env_ships_the_code_unless_local_or_already_shipped(tmp_
     assert runtime.cluster_runtime_env("auto", environ={}, package=installed)["py_modules"] == [str(installed)]
 
 
-def test_init_ray_passes_the_runtime_env_only_when_joining(monkeypatch):
-    calls = []
-    monkeypatch.setattr(runtime.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(runtime.ray, "init", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setattr(runtime.ray, "cluster_resources", lambda: {})
-    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    runtime.init_ray("auto")
-    runtime.init_ray(None, num_cpus=1)
-    runtime.init_ray("auto", runtime_env={"env_vars": {"X": "1"}})  # the caller's own wins
-    assert calls[0]["runtime_env"] == runtime.cluster_runtime_env("auto")
-    assert "runtime_env" not in calls[1]
-    assert calls[2]["runtime_env"] == {"env_vars": {"X": "1"}}
-
-
 def test_a_stopped_trial_process_survives_sigterm():
     """The trial's cleanup ignores SIGTERM (see sweep_trials.ignore_sigterm): a process that set it
     keeps running after a SIGTERM instead of raising SystemExit."""
@@ -313,7 +301,7 @@ def test_sweep_on_s3_storage(ray_local, tmp_path):
         cfg.storage_options = s3.storage_options
         runs = tune_sweep(cfg, problem, name="on-s3", rs_per_trial=5)
         keys = s3.filesystem().find("sweeps/artifacts/tune/on-s3")
-    assert [run.r for run in runs] == list(SETTINGS.r_grid)
+    assert [run.r for run in runs if run.stage == "grid"] == list(SETTINGS.r_grid)  # (and any edge extension)
     names = {key.rsplit("/", 1)[1] for key in keys}
     assert "tuner.pkl" in names and "result.json" in names
     assert any(f"/round0_{r_label(list(SETTINGS.r_grid))}_" in key for key in keys)

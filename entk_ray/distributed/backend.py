@@ -79,12 +79,12 @@ class RayBackend(Backend):
             runs stored: runs) and ``"round"`` (after the sweep, per round: index, runs); used by
             fault-injection tests.
         keep_partials: keep per-block / per-shard artifacts after the whole kernels are stored.
+        max_restarts, max_task_retries: feature-actor fault tolerance.
+        init_kwargs: extra ``ray.init`` arguments when this backend starts Ray.
 
     ``stats`` counts what the last run did: ``shards_computed``, ``shards_loaded``,
     ``blocks_computed``, ``blocks_cached``, ``sweep_runs_computed``, ``sweep_runs_cached`` (r values),
     ``shard_failures``, ``reused`` (the whole kernel set came from the store), ...
-        max_restarts, max_task_retries: feature-actor fault tolerance.
-        init_kwargs: extra ``ray.init`` arguments when this backend starts Ray.
     """
 
     name = "ray"
@@ -213,7 +213,7 @@ class _KernelStage:
                       "blocks_cached": 0, "shard_failures": 0, "pids": set(), "nodes": set(), "reused": False}
 
     def run(self) -> KernelSet:
-        from tqdm.auto import tqdm
+        from entk_ray.progress import progress_bar
 
         cached = self._open_store()
         if cached is not None:
@@ -223,12 +223,12 @@ class _KernelStage:
         self.assembler = KernelAssembler(shards, storage_dtype=self.cfg.features.storage_dtype,
                                          max_in_flight=self.cfg.ray.max_blocks_in_flight,
                                          block_gpus=self.cfg.ray.block_gpus, namespace=self.ns)
-        self.block_bar = tqdm(total=self.assembler.total, desc="kernel blocks", unit="block",
-                              disable=not self.progress, leave=False)
+        self.block_bar = progress_bar(total=self.assembler.total, desc="kernel blocks", unit="block",
+                                      enabled=self.progress)
         self.stats["blocks_cached"] = self.assembler.load_cached(self.block_bar)
         compute, load = self._plan_shards(shards)
-        self.feature_bar = tqdm(total=sum(s.size for s in compute), desc="features", unit="ex",
-                                disable=not self.progress, leave=False)
+        self.feature_bar = progress_bar(total=sum(s.size for s in compute), desc="features", unit="ex",
+                                        enabled=self.progress)
         try:
             self._load(load)
             self._compute(compute)

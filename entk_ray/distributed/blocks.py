@@ -1,12 +1,18 @@
-"""Kernel blocks as Ray tasks, gathered by the driver into the preallocated K and K_e.
+"""Kernel blocks as Ray tasks over tiles, gathered by the driver into the preallocated K and K_e.
 
 Every Φ shard is one object in the object store (an actor result, see
-:mod:`entk_ray.distributed.actors`); a block task ``K_ij = Φ_i Φ_jᵀ`` takes two shard references,
-so each shard is shared by every block that needs it (Ray moves it to a node at most once). The
-train kernel needs the blocks i ≤ j (the driver mirrors them); each evaluation set e needs every
-(e_a, train_b) block. A block task calls :func:`entk_ray.kernels.gram_block`, the same function
-the single-process path uses, so the distributed K equals the single-process K (bitwise when the
-shard boundaries coincide).
+:mod:`entk_ray.distributed.actors`). A *tile* is a run of consecutive shards of one split
+(``tile_rows`` rows at most, from the plan; one shard by default), and a block task
+``K_AB = Φ_A Φ_Bᵀ`` takes the shard references of its two tiles, so each shard is shared by every
+block that needs it (Ray moves it to a node at most once). The train kernel needs the tile blocks
+A ≤ B (the driver mirrors them); each evaluation set needs every (eval tile, train tile) block. A
+block task calls :func:`entk_ray.kernels.gram_tile` — on a GPU it stages both tiles through pinned
+memory — the same function the single-process path uses, so the distributed K equals the
+single-process K (bitwise when the tile boundaries and the BLAS coincide).
+
+Every block task has the same name, ``kernel_tile`` (:data:`TASK_NAME`), so ``ray summary tasks``
+and the dashboard group them; the row ranges go into the log, and the ``blocks`` metric's only tag
+is the kind of block (train / eval / cached).
 
 :class:`KernelAssembler` owns the preallocated kernels and the bookkeeping: which blocks are
 still missing, which can start (both shards ready), which are running (at most
@@ -17,6 +23,7 @@ are loaded instead of computed; computed blocks are written to the store by the 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,56 +36,123 @@ from entk_ray.distributed.actors import Shard, phi_from_wire
 log = logging.getLogger(__name__)
 
 TRAIN = "train"
+#: The name of every kernel block task (stable, so Ray's task summaries group them).
+TASK_NAME = "kernel_tile"
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Consecutive shards ``shards`` of one split: rows [start, stop)."""
+
+    split: str
+    index: int
+    shards: tuple[Shard, ...]
+
+    @property
+    def start(self) -> int:
+        return self.shards[0].start
+
+    @property
+    def stop(self) -> int:
+        return self.shards[-1].stop
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        return (self.start, self.stop)
+
+    @property
+    def tag(self) -> str:
+        return f"r{self.start}-{self.stop}"
+
+    def __str__(self) -> str:
+        return f"{self.split}[{self.start}:{self.stop}]"
+
+
+def make_tiles(shards: list[Shard], tile_rows: int | None = None) -> list[Tile]:
+    """Shards of one split grouped into tiles of at most ``tile_rows`` rows (None: one shard each)."""
+    groups = kern.group_tiles([s.size for s in shards], tile_rows)
+    return [Tile(shards[g[0]].split if shards else TRAIN, i, tuple(shards[k] for k in g)) for i, g in enumerate(groups)]
 
 
 @dataclass(frozen=True)
 class Block:
-    """Block of kernel ``kernel`` (``"train"`` or an evaluation split) from shards ``a`` (rows)
-    and ``b`` (train columns)."""
+    """Block of kernel ``kernel`` (``"train"`` or an evaluation split) from tiles ``a`` (rows) and
+    ``b`` (train columns)."""
 
     kernel: str
-    a: Shard
-    b: Shard
+    a: Tile
+    b: Tile
 
     @property
     def symmetric(self) -> bool:
         return self.kernel == TRAIN
 
     @property
+    def diagonal(self) -> bool:
+        """A diagonal block of K: one tile, Φ_A Φ_Aᵀ."""
+        return self.symmetric and self.a == self.b
+
+    @property
+    def shards(self) -> tuple[Shard, ...]:
+        """The shards the block reads (each once)."""
+        return tuple(dict.fromkeys(self.a.shards + self.b.shards))
+
+    @property
     def key(self) -> str:
-        """Artifact-store key: the rows and columns it covers (so other shard sizes never match)."""
+        """Artifact-store key: the rows and columns it covers (so other tilings never match)."""
         return f"blocks/{self.kernel}/{self.a.tag}_c{self.b.start}-{self.b.stop}"
 
     def __str__(self) -> str:
         return f"{self.kernel}[{self.a.start}:{self.a.stop}, {self.b.start}:{self.b.stop}]"
 
 
-def gram_block_task(phi_a: np.ndarray, phi_b: np.ndarray, storage_dtype: str, compute_dtype: str = "float64",
-                    store_namespace=None, key: str | None = None, on_gpu: bool = False) -> np.ndarray:
-    """Body of the block task: ``kernels.gram_block`` on two shards (on the GPU if Ray assigned
-    one), optionally saved to the artifact store before it is returned."""
+@dataclass(frozen=True)
+class TileTask:
+    """What a ``kernel_tile`` task needs besides its shards: the first ``parts_a`` shard arguments
+    are tile A, the rest tile B (none: the diagonal block)."""
+
+    label: str
+    parts_a: int
+    storage_dtype: str
+    compute_dtype: str = "float64"
+    on_gpu: bool = False
+    namespace: object | None = None
+    key: str | None = None
+
+
+def kernel_tile_task(spec: TileTask, *phis: np.ndarray) -> np.ndarray:
+    """Body of the ``kernel_tile`` task: :func:`entk_ray.kernels.gram_tile` on the shards of two
+    tiles (on the GPU if Ray assigned one), optionally saved to the artifact store before it is
+    returned."""
     import torch
 
-    a = phi_from_wire(phi_a, storage_dtype)
-    b = phi_from_wire(phi_b, storage_dtype)
-    if on_gpu and ray.get_gpu_ids() and torch.cuda.is_available():
-        a, b = a.to("cuda"), b.to("cuda")
-    block = kern.gram_block(a, b, compute_dtype)
-    if store_namespace is not None and key is not None:
-        store_namespace.save_array(key, block, meta={"compute_dtype": compute_dtype, "storage_dtype": storage_dtype})
+    shards = [phi_from_wire(phi, spec.storage_dtype) for phi in phis]
+    tile_a, tile_b = shards[:spec.parts_a], shards[spec.parts_a:] or None
+    device = "cuda" if spec.on_gpu and ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    block = kern.gram_tile(tile_a, tile_b, spec.compute_dtype, device=device)
+    log.info("%s %s: %s in %s on %s in %.2f s", TASK_NAME, spec.label, "×".join(map(str, block.shape)),
+             spec.compute_dtype, device, time.perf_counter() - start)
+    if spec.namespace is not None and spec.key is not None:
+        spec.namespace.save_array(spec.key, block, meta={"compute_dtype": spec.compute_dtype,
+                                                         "storage_dtype": spec.storage_dtype})
     return block
 
 
-kernel_block = ray.remote(max_retries=3)(gram_block_task)
+kernel_tile = ray.remote(max_retries=3)(kernel_tile_task)
 
 
-def plan_blocks(shards: dict[str, list[Shard]]) -> list[Block]:
-    """Every block needed: train i ≤ j, then each evaluation split × train."""
-    train = shards[TRAIN]
+def plan_blocks(shards: dict[str, list[Shard]], tile_rows: int | None = None) -> list[Block]:
+    """Every block needed: train tiles A ≤ B, then each evaluation split's tiles × train tiles."""
+    train = make_tiles(shards[TRAIN], tile_rows)
     blocks = [Block(TRAIN, train[i], train[j]) for i, j in kern.train_block_pairs(len(train))]
     for split, rows in shards.items():
         if split != TRAIN:
-            blocks.extend(Block(split, a, b) for a in rows for b in train)
+            blocks.extend(Block(split, a, b) for a in make_tiles(rows, tile_rows) for b in train)
     return blocks
 
 
@@ -86,8 +160,9 @@ class KernelAssembler:
     """Preallocated K / K_e, filled block by block as tasks finish (see the module docstring)."""
 
     def __init__(self, shards: dict[str, list[Shard]], *, storage_dtype: str, compute_dtype: str = "float64",
-                 max_in_flight: int = 8, block_gpus: float = 0.0, namespace=None):
+                 max_in_flight: int = 8, block_gpus: float = 0.0, namespace=None, tile_rows: int | None = None):
         self.shards = shards
+        self.tile_rows = tile_rows
         self.storage_dtype = storage_dtype
         self.compute_dtype = compute_dtype
         self.max_in_flight = max(1, int(max_in_flight))
@@ -96,7 +171,7 @@ class KernelAssembler:
         n = shards[TRAIN][-1].stop if shards[TRAIN] else 0
         self.kernels = {split: np.empty(((rows[-1].stop if rows else 0), n), dtype=np.float64)
                         for split, rows in shards.items()}
-        self.missing: list[Block] = plan_blocks(shards)
+        self.missing: list[Block] = plan_blocks(shards, tile_rows)
         self.total = len(self.missing)
         self.placed = 0
         self.cached = 0
@@ -124,7 +199,7 @@ class KernelAssembler:
 
     def needed_shards(self) -> set[Shard]:
         """Shards that some missing block reads."""
-        return {s for block in self.missing for s in (block.a, block.b)}
+        return {s for block in self.missing for s in block.shards}
 
     def add_shard(self, shard: Shard, phi: ray.ObjectRef) -> None:
         """A shard's Φ is in the object store: blocks reading it may start."""
@@ -158,7 +233,7 @@ class KernelAssembler:
         i = 0
         while i < len(self.missing) and len(self._running) < self.max_in_flight:
             block = self.missing[i]
-            if block.a in self._phi and block.b in self._phi:
+            if all(s in self._phi for s in block.shards):
                 self.missing.pop(i)
                 self._start(block)
                 started += 1
@@ -168,9 +243,11 @@ class KernelAssembler:
 
     def _start(self, block: Block) -> None:
         resources = {"num_gpus": self.block_gpus, "num_cpus": 0 if self.block_gpus > 0 else 1}
-        ref = kernel_block.options(name=f"kernel block {block}", **resources).remote(
-            self._phi[block.a], self._phi[block.b], self.storage_dtype, self.compute_dtype,
-            self.namespace, block.key if self.namespace is not None else None, self.block_gpus > 0)
+        spec = TileTask(str(block), len(block.a.shards), self.storage_dtype, self.compute_dtype, self.block_gpus > 0,
+                        self.namespace, block.key if self.namespace is not None else None)
+        refs = [self._phi[s] for s in block.a.shards] + ([] if block.diagonal else [self._phi[s] for s in block.b.shards])
+        ref = kernel_tile.options(name=TASK_NAME, **resources).remote(spec, *refs)
+        log.debug("%s %s started (%d shards)", TASK_NAME, block, len(refs))
         self._running[ref] = block
 
     def collect(self, ref: ray.ObjectRef, progress=None) -> list[Shard]:
@@ -205,7 +282,7 @@ class KernelAssembler:
         """Which of the block's shards are gone from every node (and not spilled to disk)."""
         from ray.experimental import get_object_locations
 
-        inputs = list(dict.fromkeys((block.a, block.b)))
+        inputs = list(block.shards)
         lost = [s for s in inputs if s not in self._phi]  # already known lost, being recomputed
         present = [s for s in inputs if s in self._phi]
         try:
