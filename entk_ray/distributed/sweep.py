@@ -58,26 +58,33 @@ def tune_storage(cfg):
     base = artifact_store if artifact_store and is_remote(artifact_store) else str(cfg.store.out_dir)
     if not is_remote(base):
         return str((Path(base) / "tune").resolve()), None
-    import ray
     from pyarrow.fs import PyFileSystem
 
     url = join_url(base, "tune")
     fs, inner = filesystem_for(url, cfg.storage_options)
-    return inner, PyFileSystem(_tune_filesystem_handler(fs, url, ray.put(dict(cfg.storage_options))))
+    return inner, PyFileSystem(_tune_filesystem_handler(fs, url, dict(cfg.storage_options)))
 
 
-def _tune_filesystem_handler(fs, url: str, options_ref):
+def _tune_filesystem_handler(fs, url: str, options: dict, options_ref=None):
     """pyarrow's handler over ``fs`` whose pickle holds no credentials.
 
     Why: Tune pickles its storage filesystem twice — to ship it to the trial actors, which need
     the credentials, and into ``tuner.pkl`` and the searcher state, which it writes next to the
     results — and an fsspec filesystem pickles its options, S3 key and secret included. This
-    handler pickles as the URL and a reference to the options in Ray's object store (just an id):
-    a trial actor gets them from there, and no file ever holds them."""
+    handler pickles as the URL and a reference to the options in Ray's object store (just an id;
+    put there on the first pickle, which happens inside the Tune run): a trial actor gets them
+    from there, and no file ever holds them."""
     from pyarrow.fs import FSSpecHandler
 
     class CredentialFreeHandler(FSSpecHandler):
         def __reduce__(self):
+            import ray
+
+            nonlocal options_ref
+            if options_ref is None:
+                if not ray.is_initialized():  # ray.put would start (or join) a Ray of its own
+                    raise TypeError("the Tune storage filesystem holds credentials: it pickles only inside Ray")
+                options_ref = ray.put(options)
             return _handler_from_object_store, (url, options_ref)
 
     return CredentialFreeHandler(fs)
@@ -87,7 +94,7 @@ def _handler_from_object_store(url: str, options_ref):
     import ray
 
     options = ray.get(options_ref, timeout=60)
-    return _tune_filesystem_handler(filesystem_for(url, options)[0], url, options_ref)
+    return _tune_filesystem_handler(filesystem_for(url, options)[0], url, options, options_ref)
 
 
 @contextlib.contextmanager
