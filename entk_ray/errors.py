@@ -30,13 +30,21 @@ class StorageError(UserInputError, OSError):
 
 
 def find_user_error(exc: BaseException | None) -> UserInputError | None:
-    """The first :class:`UserInputError` in ``exc``'s chain of causes (``raise … from``, and
+    """The innermost :class:`UserInputError` in ``exc``'s chain of causes (``raise … from``, and
     Ray's ``cause``), or None. (Not ``__context__``: an error raised while another was being
-    handled is a new error, not that one.)"""
+    handled is a new error, not that one.)
+
+    Innermost because Ray's wrapper of a worker's error is an instance of the error's class too
+    (``RayTaskError(ImageReadError)``) but its message is the worker's whole traceback; the
+    original in its ``cause`` has the one-line message."""
     seen: set[int] = set()
+    found = None
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
         if isinstance(exc, UserInputError):
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__
-    return None
+            found = exc
+            if not isinstance(cause, UserInputError):  # not a wrapper of the same error
+                return exc
+        exc = cause if isinstance(cause, BaseException) else exc.__cause__
+    return found

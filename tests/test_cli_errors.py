@@ -166,6 +166,24 @@ def test_expected_errors_from_anywhere_end_cleanly(exc, tmp_path, capsys, monkey
     assert line == f"error: {exc}"
 
 
+def test_an_error_wrapped_by_ray_ends_in_its_own_message(tmp_path, capsys, monkeypatch):
+    """Ray's wrapper of a worker's error is an instance of the error's class too
+    (``RayTaskError(ImageReadError)``), but its message is the worker's traceback (with colour
+    codes): the line printed is the original's message."""
+    import ray
+
+    from entk_ray.data.images import ImageReadError
+    from entk_ray.errors import find_user_error
+
+    original = ImageReadError("cannot read image /d/a.jpg: truncated; use --corrupt-check decode", [("/d/a.jpg", "x")])
+    wrapped = ray.exceptions.RayTaskError("features train[0:8]", "Traceback (most recent call last):\n  ...",
+                                          original).as_instanceof_cause()
+    assert isinstance(wrapped, ImageReadError) and find_user_error(wrapped) is original
+    monkeypatch.setattr(pipeline, "run", raising(wrapped))
+    line = fails_cleanly(demo_main, ["--no-ray", "--out", str(tmp_path)], capsys)
+    assert line == f"error: {original}"
+
+
 def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "run", raising(CheckpointError("/w.pth: empty")))
     with pytest.raises(RuntimeError, match="kernel block"):
