@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from entk_ray.errors import UserInputError
-from entk_ray.redaction import redact
+from entk_ray.redaction import redact, redact_override
 
 FEATURE_METHODS = ("auto", "sampled", "hooks", "func")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
@@ -220,21 +220,24 @@ class Config:
         """Apply ``section.field=value`` strings; values are parsed as YAML (``1e-3``, ``[1,2]``)."""
         data = self.to_dict()
         for item in overrides or []:
+            shown = redact_override(item)  # what an error may show of it (no credentials)
             if "=" not in item:
-                raise ConfigError(f"override {item!r} must look like section.field=value")
+                raise ConfigError(f"override {shown!r} must look like section.field=value")
             key, raw = item.split("=", 1)
             parts = key.strip().split(".")
             node = data
             for part in parts[:-1]:
                 if not isinstance(node, dict) or part not in node:
-                    raise ConfigError(f"override {item!r}: unknown config field {key!r}")
+                    raise ConfigError(f"override {shown!r}: unknown config field {key!r}")
                 node = node[part]
             if not isinstance(node, dict) or parts[-1] not in node:
-                raise ConfigError(f"override {item!r}: unknown config field {key!r}")
+                raise ConfigError(f"override {shown!r}: unknown config field {key!r}")
             try:
                 node[parts[-1]] = yaml.safe_load(raw)
             except yaml.YAMLError as exc:
-                raise ConfigError(f"override {item!r}: {raw!r} is not a valid YAML value ({_one_line(exc)}); "
+                detail = f"{raw!r} is not a valid YAML value ({_one_line(exc)})" if shown == item else \
+                    "the value is not valid YAML"
+                raise ConfigError(f"override {shown!r}: {detail}; "
                                   f"quote strings and close brackets, e.g. solver.r_grid=[0.001, 0.1]") from exc
         return Config.from_dict(data)
 

@@ -12,11 +12,18 @@ password or a client credential under ``client_kwargs``; the run config goes int
   case and with ``-``/``_``); everything else (``endpoint_url``, ``region_name``, ``profile``, …)
   is kept;
 * the ``user:password@`` part of a URL inside any string.
+
+:func:`redact_argv` does the same for a command line (recorded in ``results.json`` and
+``results.md``): a ``--set storage_options={key: …, secret: …}`` or ``--set
+storage_options.secret=…`` override keeps its shape and loses its credentials.
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
+
+import yaml
 
 REDACTED = "***"
 
@@ -54,3 +61,40 @@ def redact(value: Any) -> Any:
     if isinstance(value, str):
         return redact_text(value)
     return value
+
+
+_OVERRIDE = re.compile(r"^(?P<path>[A-Za-z_][\w.-]*)=(?P<value>.*)$", re.S)
+
+
+def redact_override(item: str) -> str:
+    """A ``section.field=value`` override without credentials: the value of a field whose path
+    names a credential is replaced, a mapping or list value is redacted entry by entry (written
+    back as JSON), and a ``storage_options`` value that is not valid YAML is replaced whole."""
+    match = _OVERRIDE.match(item)
+    if match is None:
+        return redact_text(item)
+    path, raw = match.group("path"), match.group("value")
+    parts = path.split(".")
+    if any(is_credential_key(part) for part in parts):
+        return f"{path}={REDACTED}"
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return f"{path}={REDACTED}" if parts[0] == "storage_options" else redact_text(item)
+    if isinstance(value, (dict, list)):
+        clean = redact(value)
+        if clean != value:
+            return f"{path}={json.dumps(clean)}"
+    return redact_text(item)
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line's arguments without credentials (``--set X=V`` and ``--set=X=V`` alike)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "=" in arg:
+            flag, rest = arg.split("=", 1)
+            out.append(f"{flag}={redact_override(rest)}")
+        else:
+            out.append(redact_override(arg))
+    return out

@@ -67,3 +67,32 @@ def test_fake_credentials_appear_in_no_output(ray_local, s3, tmp_path, monkeypat
         assert secret not in caplog.text and secret not in printed.out and secret not in printed.err
     # The endpoint (not a secret) is kept, so the results still say where the store was.
     assert s3.endpoint_url.encode() in written[str(out / "results.json")]
+
+
+def test_command_lines_keep_their_shape_and_lose_credentials():
+    """The command line goes into results.json and results.md: a --set storage_options override
+    with credentials (whole mapping, one field, or malformed) is written without them."""
+    import json
+    import shlex
+
+    from entk_ray.config import Config, ConfigError
+    from entk_ray.provenance import command_line
+
+    options = json.dumps({"key": FAKE_KEY, "secret": FAKE_SECRET,
+                          "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "aws_session_token": FAKE_TOKEN}})
+    argv = ["scripts/run_demo.py", "--p", "1000", "--set", f"storage_options={options}",
+            f"--set=storage_options.secret={FAKE_SECRET}", "--set", f"storage_options={{key: {FAKE_KEY}, secret: [",
+            "--artifact-store", f"s3://{FAKE_KEY}:{FAKE_SECRET}@bucket/runs", "--set", "solver.r_grid=[0.1, 1.0]"]
+    line = command_line(argv)
+    assert not any(secret in line for secret in SECRETS), line
+    args = shlex.split(line)
+    assert args[:4] == ["python", "scripts/run_demo.py", "--p", "1000"] and args[-1] == "solver.r_grid=[0.1, 1.0]"
+    kept = json.loads(args[5].split("=", 1)[1])
+    assert kept["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:9000" and kept["key"] == REDACTED
+    assert args[6] == f"--set=storage_options.secret={REDACTED}" and args[8] == f"storage_options={REDACTED}"
+    assert args[10] == f"s3://{REDACTED}@bucket/runs"
+
+    for bad in (f"storage_options.secret={FAKE_SECRET}", f"storage_options={{key: {FAKE_KEY}, secret: ["):
+        with pytest.raises(ConfigError) as info:
+            Config().with_overrides([bad])
+        assert not any(secret in str(info.value) for secret in SECRETS), str(info.value)
