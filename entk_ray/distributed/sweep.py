@@ -58,17 +58,24 @@ def tune_storage(cfg):
     base = artifact_store if artifact_store and is_remote(artifact_store) else str(cfg.store.out_dir)
     if not is_remote(base):
         return str((Path(base) / "tune").resolve()), None
+    return credential_free_filesystem(join_url(base, "tune"), cfg.storage_options)
+
+
+def credential_free_filesystem(url: str, storage_options: dict | None):
+    """``(path inside the filesystem, pyarrow filesystem)`` for Tune's or Ray Train's
+    ``storage_filesystem`` at a remote ``url``: the run's fsspec filesystem (its
+    ``storage_options``), whose pickle holds no credentials (:func:`_tune_filesystem_handler`)."""
     from pyarrow.fs import PyFileSystem
 
-    url = join_url(base, "tune")
-    fs, inner = filesystem_for(url, cfg.storage_options)
-    return inner, PyFileSystem(_tune_filesystem_handler(fs, url, dict(cfg.storage_options)))
+    options = dict(storage_options or {})
+    fs, inner = filesystem_for(url, options)
+    return inner, PyFileSystem(_tune_filesystem_handler(fs, url, options))
 
 
 def _tune_filesystem_handler(fs, url: str, options: dict, options_ref=None):
     """pyarrow's handler over ``fs`` whose pickle holds no credentials.
 
-    Why: Tune pickles its storage filesystem twice — to ship it to the trial actors, which need
+    Why: Tune (and Ray Train) pickle their storage filesystem twice — to ship it to the trial actors, which need
     the credentials, and into ``tuner.pkl`` and the searcher state, which it writes next to the
     results — and an fsspec filesystem pickles its options, S3 key and secret included. This
     handler pickles as the URL and a reference to the options in Ray's object store (just an id;
