@@ -22,6 +22,8 @@ COMMON_OPTIONS = {
     "--checkpoint-format": ("model.checkpoint_format", str, "auto, torchvision, moco or timm"),
     "--p": ("features.p", int, "number of parameter coordinates in the feature subset S"),
     "--param-seed": ("features.param_seed", int, "seed of the parameter subset S"),
+    "--feature-map": ("features.map", str, "how gradients become features: uniform, head, stratified, norm, "
+                      "last_blocks:K, jl or jl:gaussian (docs/features.md)"),
     "--head-seed": ("model.head_seed", int, "seed of the random scalar head"),
     "--feature-method": ("features.method", str, "auto, hooks (fast per-layer) or func (torch.func vmap)"),
     "--batch-size": ("features.batch_size", int, "examples per feature batch"),

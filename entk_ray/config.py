@@ -62,6 +62,9 @@ class FeatureConfig:
     p: int = 500_000
     param_seed: int = 0
     include_head: bool = False
+    # How gradients become Φ (entk_ray.feature_maps): uniform (S drawn uniformly; the default),
+    # head, stratified, norm, last_blocks:K, jl (Rademacher projection) or jl:gaussian.
+    map: str = "uniform"
     method: str = "auto"  # auto/sampled: only S's coordinates; hooks: per-layer gradients; func: vmap(grad)
     batch_size: int = 32
     chunk_size: int = 8  # examples per vmap call: bounds memory at chunk × #params floats
@@ -304,6 +307,7 @@ class Config:
         _int("features.p", f.p, minimum=1, what="a positive integer")
         _int("features.param_seed", f.param_seed)
         _choice("features.method", f.method, FEATURE_METHODS)
+        _feature_map("features.map", f.map)
         _int("features.batch_size", f.batch_size, minimum=1, what="a positive integer")
         _int("features.chunk_size", f.chunk_size, minimum=1, what="a positive integer")
         _choice("features.storage_dtype", f.storage_dtype, STORAGE_DTYPES)
@@ -584,6 +588,15 @@ def _int(name: str, value: Any, minimum: int | None = None, what: str = "an inte
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _feature_map(name: str, value: Any) -> None:
+    from entk_ray.feature_maps import parse_map_spec
+
+    try:
+        parse_map_spec(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def _default_weights_available(model_name: str) -> None:

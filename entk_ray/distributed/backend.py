@@ -208,6 +208,7 @@ class _KernelStage:
         self.loading: dict[ray.ObjectRef, tuple[Shard, ray.ObjectRef]] = {}  # status ref -> (shard, Φ ref)
         self.dataset_refs: dict[str, ray.ObjectRef] = {}
         self.embeddings: dict[str, np.ndarray | None] = {name: None for name in self.splits}
+        self.diagonal_refs: dict[Shard, ray.ObjectRef] = {}  # ‖φ(x)‖² of evaluation shards (span analysis)
         self.features_done = self.t0
         self.stats = {"fingerprint": None, "shards_computed": 0, "shards_loaded": 0, "blocks_computed": 0,
                       "blocks_cached": 0, "shard_failures": 0, "pids": set(), "nodes": set(), "reused": False}
@@ -260,7 +261,8 @@ class _KernelStage:
         self.stats["reused"] = True
         self.timings.update(features_s=0.0, kernels_s=0.0, store_load_s=time.perf_counter() - self.t0)
         log.info("kernels for fingerprint %s loaded from %s", self.fingerprint, self.ns.uri)
-        return KernelSet(cached[0], cached[1], cached[2], self.subset_fp, self.timings, self.subset_p)
+        return KernelSet(cached[0], cached[1], cached[2], self.subset_fp, self.timings, self.subset_p,
+                         eval_diagonals=_load_diagonals(self.ns, self.eval_names))
 
     def _plan_shards(self, shards: dict[str, list[Shard]]) -> tuple[list[Shard], list[Shard]]:
         """(shards to compute, shards to load from the store). A shard with stored embeddings
@@ -291,15 +293,30 @@ class _KernelStage:
             raise RuntimeError(f"no embeddings for splits {missing}")
         train = self.assembler.kernels[TRAIN]
         evals = {name: self.assembler.kernels[name] for name in self.eval_names}
+        diagonals = self._diagonals() or _load_diagonals(self.ns, self.eval_names)
         if self.ns is not None:
             start = time.perf_counter()
+            for name, values in diagonals.items():
+                self.ns.save_array(_diagonal_key(name), values, meta={"split": name})
             save_kernels(self.ns, train, evals, self.embeddings)
             if not self.keep_partials:  # nothing reads them again: see the module docstring
                 self.ns.delete("blocks/")
                 self.ns.delete("shards/")
             self.timings["store_save_s"] = time.perf_counter() - start
             self.emit("kernels")
-        return KernelSet(train, evals, self.embeddings, self.subset_fp, self.timings, self.subset_p)
+        return KernelSet(train, evals, self.embeddings, self.subset_fp, self.timings, self.subset_p,
+                         eval_diagonals=diagonals)
+
+    def _diagonals(self) -> dict[str, np.ndarray]:
+        """‖φ(x)‖² of every evaluation set, from the row-norm tasks of its shards ({} if a shard's
+        is missing, e.g. when its blocks were all reused from the store)."""
+        out = {}
+        for name in self.eval_names:
+            shards = sorted((s for s in self.diagonal_refs if s.split == name), key=_shard_order)
+            if sum(s.size for s in shards) != len(self.splits[name]):
+                return {}
+            out[name] = np.concatenate(ray.get([self.diagonal_refs[s] for s in shards]))
+        return out
 
     # -------------------------------------------------------------- the event loop
     def _obtain(self, shards: list[Shard]) -> None:
@@ -393,6 +410,8 @@ class _KernelStage:
         self.inflight.discard(shard)
         if ray.get(ref):
             self.assembler.add_shard(shard, phi_ref)
+            if shard.split != TRAIN:
+                self.diagonal_refs[shard] = _row_sq_norms_task.remote(phi_ref)
             self.stats["shards_loaded"] += 1
             self.emit("shard_loaded", shard=shard)
         else:  # missing (deleted meanwhile) or corrupt (logged and discarded by the task)
@@ -410,6 +429,8 @@ class _KernelStage:
                                f"{self.subset_fp} (node {info['node_id']}): model or library versions differ")
         self.inflight.discard(shard)
         self.assembler.add_shard(shard, result.phi)
+        if shard.split != TRAIN:
+            self.diagonal_refs[shard] = _row_sq_norms_task.remote(result.phi)
         self._put_embeddings(shard, info["embeddings"])  # the actor has stored both (with a store)
         self.stats["shards_computed"] += 1
         self.stats["pids"].add(info["pid"])
@@ -455,6 +476,24 @@ def _driver_fingerprints(factory) -> tuple[str, int, str]:
     subset, p = featurizer.subset.fingerprint(), featurizer.subset.p
     del featurizer
     return subset, p, factory.weights_fingerprint()
+
+
+@ray.remote(num_cpus=0.25)
+def _row_sq_norms_task(phi: np.ndarray) -> np.ndarray:
+    return kern.row_sq_norms(phi)
+
+
+def _diagonal_key(name: str) -> str:
+    from entk_ray.store import safe_name
+
+    return f"diagonals/{safe_name(name)}"
+
+
+def _load_diagonals(ns, eval_names: list[str]) -> dict[str, np.ndarray]:
+    """Stored ‖φ(x)‖² of every evaluation set, or {} (stores written before they were kept)."""
+    if ns is None or not all(ns.has(_diagonal_key(n)) for n in eval_names):
+        return {}
+    return {n: ns.load_array(_diagonal_key(n)) for n in eval_names}
 
 
 def _shard_order(shard: Shard) -> tuple:
