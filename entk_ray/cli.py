@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 
 from entk_ray.config import Config, ConfigError
+from entk_ray.plan import PlanError
 
 # option name -> (config path, type, help)
 COMMON_OPTIONS = {
@@ -76,6 +77,9 @@ def build_parser(description: str, extra: dict | None = None) -> argparse.Argume
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override any config field, e.g. --set solver.tol=1e-8 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the run's plan (memory and time per stage, from entk_ray.plan) and exit: 0 when "
+                             "it fits, 2 when it does not; reads no data (Living-17's nominal sizes unless --n-* set)")
     if extra is IMAGE_OPTIONS:
         parser.add_argument("--ood-dir", action="append", default=None, metavar="DIR",
                             help="image_folder: an OOD folder, one table column each (repeatable) [data.ood_dirs]")
@@ -108,11 +112,16 @@ def run_cli(argv: Sequence[str] | None, description: str, base: Config, extra: d
     parser = build_parser(description, extra)
     args = parser.parse_args(argv)
     try:
-        cfg = config_from_args(args, base, extra).validate()
+        cfg = config_from_args(args, base, extra).validate(check_paths=not args.plan)
     except ConfigError as exc:
         parser.exit(2, f"error: invalid configuration: {exc}\n")
+    if args.plan:
+        return print_plan(cfg)
     start = time.perf_counter()
-    result = pipeline.run(cfg, progress=not args.quiet, reference_rows=reference_rows)
+    try:
+        result = pipeline.run(cfg, progress=not args.quiet, reference_rows=reference_rows)
+    except PlanError as exc:  # the plan (printed above) does not fit: nothing was computed
+        parser.exit(2, f"error: {exc}\n")
     print()
     print(format_table(result.rows))
     print()
@@ -120,6 +129,21 @@ def run_cli(argv: Sequence[str] | None, description: str, base: Config, extra: d
           f"wall time {time.perf_counter() - start:.1f}s")
     print(f"results: {result.paths['results.json'].parent}/ (results.json, results.csv, results.md, "
           f"sweep.csv, accuracy_vs_step.png, accuracy_vs_beta.png)")
+    return 0
+
+
+def print_plan(cfg: Config) -> int:
+    """``--plan``: print the plan of the configured run (:func:`entk_ray.plan.make_plan`; no data is
+    read) and return 0, or print it with its refusal and return 2 when it does not fit."""
+    from entk_ray.plan import make_plan
+
+    try:
+        print(make_plan(cfg).format())
+    except PlanError as exc:
+        if exc.plan is not None:
+            print(exc.plan.format())
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -22,6 +22,7 @@ from entk_ray.backends import Backend, KernelSet, LocalBackend, run_fingerprint
 from entk_ray.baselines import ProbeResult, linear_probe
 from entk_ray.config import Config
 from entk_ray.data.base import Benchmark
+from entk_ray.plan import Plan, PlanError
 from entk_ray.solvers import (Choice, KernelProblem, SolverRun, choose_converged, choose_early_stopping,
                               make_problem)
 
@@ -78,26 +79,58 @@ def _row(choice: Choice, id_name: str, oods: list[str]) -> dict:
             "source": "measured"}
 
 
-def make_backend(cfg: Config) -> Backend:
+def make_backend(cfg: Config, plan: Plan | None = None) -> Backend:
+    """The configured backend; a Ray it starts gets the plan's object-store size."""
     if cfg.use_ray:
         from entk_ray.distributed import RayBackend
 
-        return RayBackend(cfg)
+        return RayBackend(cfg, object_store_bytes=plan.object_store_bytes if plan is not None else None)
     return LocalBackend()
 
 
+def plan_run(cfg: Config, benchmark: Benchmark) -> Plan:
+    """The run's plan at the benchmark's sizes (:func:`entk_ray.plan.make_plan`): for this machine
+    when the run is one process, else for ``plan.hardware`` (``auto``: the connected Ray cluster, or
+    this machine when Ray is not started yet). Raises :class:`~entk_ray.plan.PlanError` when it
+    does not fit and ``plan.enforce`` is on."""
+    from entk_ray.plan import RunSizes, local_resources, make_plan
+
+    resources = local_resources() if cfg.plan.hardware == "auto" and not cfg.use_ray else None
+    return make_plan(cfg, RunSizes.from_benchmark(benchmark), resources)
+
+
 def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
-        log: Callable[[str], None] = print, reference_rows: list[dict] | None = None) -> RunResult:
-    """Run the whole method and write the report into ``cfg.store.out_dir``."""
-    cfg.validate()
+        log: Callable[[str], None] = print, reference_rows: list[dict] | None = None,
+        benchmark: Benchmark | None = None) -> RunResult:
+    """Run the whole method and write the report into ``cfg.store.out_dir``.
+
+    The plan comes first, once the splits' sizes are known and before any feature is computed: it
+    is logged, applied to the config (:meth:`~entk_ray.plan.Plan.apply`: Φ's dtype, kernel tiles,
+    the solver's method, device and dtype, ...), recorded in the results, and a plan that does not
+    fit stops the run with :class:`~entk_ray.plan.PlanError` (unless ``plan.enforce`` is off).
+    ``benchmark``: a ready benchmark (synthetic data, a test's); the data's locations in ``cfg``
+    are then neither required nor read."""
+    cfg.validate(check_paths=benchmark is None)
     t0 = time.perf_counter()
-    benchmark = build_benchmark(cfg)
+    benchmark = benchmark or build_benchmark(cfg)
     sizes = {"train": len(benchmark.train), **{k: len(v) for k, v in benchmark.eval_sets().items()}}
     log(f"benchmark {benchmark.name}: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
     timings = {"data_s": time.perf_counter() - t0}
 
     own_backend = backend is None
-    backend = backend or make_backend(cfg)
+    if own_backend and cfg.use_ray and cfg.ray.address not in (None, "local") and cfg.plan.hardware == "auto":
+        backend = make_backend(cfg)  # join the cluster first: the plan is made for its nodes
+    try:
+        plan = plan_run(cfg, benchmark)
+    except PlanError as exc:
+        if exc.plan is not None:
+            log(exc.plan.format())
+        if own_backend and backend is not None:
+            backend.close()
+        raise
+    log(plan.format())
+    cfg = plan.apply(cfg)
+    backend = backend or make_backend(cfg, plan)
     try:
         ks = backend.kernels(cfg, benchmark, progress=progress)
         timings.update(ks.timings)
@@ -116,7 +149,18 @@ def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
         start = time.perf_counter()
         runs = backend.sweep(cfg, problem)
         timings["sweep_s"] = time.perf_counter() - start
-        log(f"β sweep: {len(runs)} values of r over {s.rounds} rounds ({timings['sweep_s']:.1f}s)")
+        log(f"β sweep: {len(runs)} values of r over {s.rounds} rounds ({timings['sweep_s']:.1f}s, {plan.solver})")
+        extra = {"plan": plan.to_dict()}
+        if s.dtype == "float32":  # float32 eigh: its accuracy against float64 NAG goes into the results
+            from entk_ray.arrays import namespace_for
+            from entk_ray.solvers import SolverSettings, float32_eigh_error
+
+            start = time.perf_counter()
+            extra["solver_float32_error"] = float32_eigh_error(problem, SolverSettings.from_config(s),
+                                                               namespace=namespace_for("auto"))
+            timings["float32_error_s"] = time.perf_counter() - start
+            log(f"float32 eigh against float64 NAG (n = {extra['solver_float32_error']['n']}): largest accuracy "
+                f"difference {extra['solver_float32_error']['max_accuracy_diff']:.4f}")
     finally:
         if own_backend:
             backend.close()
@@ -145,7 +189,7 @@ def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
     result.paths = write_results(cfg.store.out_dir, rows, runs, problem.select_on, "id_val", extra={
         "benchmark": benchmark.name, "split_sizes": sizes, "timings": timings, "fingerprint": fingerprint,
         "subset_fingerprint": ks.subset_fingerprint, "probe_sweep": probe.sweep, "config": cfg.to_dict(),
-        "backend": backend.name})
+        "backend": backend.name, **extra})
     return result
 
 

@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Full-size Living-17, synthetic data, through the real Ray pipeline: the scale benchmark.
+
+    python benchmarks/living17_scale.py                  # 44,200 + 1,700 + 1,700 examples, 17 classes,
+                                                         # ResNet-50 (random weights), 224 px, p = 500,000
+    python benchmarks/living17_scale.py --scale 0.005    # the same code at 0.5 % of the examples
+    python benchmarks/living17_scale.py --scale 0.005 --image-size 32 --p 20000   # tests/test_scale.py
+
+The Living-17 shape (``entk_ray.plan.LIVING17_FULL``, times ``--scale``) with seeded synthetic
+images made on the fly from their index (``entk_ray.data.synthetic``: no files) and a seeded random
+ResNet-50 written as a torchvision checkpoint, run by ``pipeline.run`` on a local Ray that the run
+starts itself (RayBackend: feature actors, ``kernel_tile`` tasks, the Tune β sweep, with the plan's
+tiles, dtypes, object-store size and solver). It prints the plan, the wall time of every stage
+beside the plan's estimate, the peak GPU memory (all processes, from the driver's view of each
+GPU), host memory (the machine's, above its level at the start) and object-store memory (Ray's
+plasma stats), the plan's projection for one node with 8 GPUs, and last
+``ratio: <total seconds / 600>`` (the issue's target: ≤ 1 at full size on one H100).
+
+``--image-size`` and ``--p`` change only the per-example cost (resolution, feature width), for a
+test on a CPU; the sizes, the model and the code path stay. Results (``results.json`` with the
+plan, timings and the sweep) go to ``--out`` (default: a new temporary folder, so nothing is
+reused from an earlier run's artifact store).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from entk_ray.config import Config  # noqa: E402
+from entk_ray.plan import (  # noqa: E402
+    GPU_MEMORY,
+    LIVING17_FULL,
+    PRESETS,
+    NodeSpec,
+    Resources,
+    RunSizes,
+    make_plan,
+)
+
+GB = 1e9
+
+
+def scaled_sizes(scale: float) -> RunSizes:
+    return LIVING17_FULL.scaled(scale) if scale != 1 else LIVING17_FULL
+
+
+def random_resnet50(path: Path, seed: int) -> Path:
+    """A seeded, randomly initialized torchvision ResNet-50 saved as a state_dict (the real loading
+    path reads it, as it would read ImageNet weights)."""
+    import torch
+
+    from entk_ray.models import create_resnet_backbone
+
+    if not path.exists():
+        torch.manual_seed(seed)
+        state = create_resnet_backbone("resnet50").state_dict()
+        torch.save(state, path)
+    return path
+
+
+def run_config(args, sizes: RunSizes, out: Path, weights: Path) -> Config:
+    overrides = [
+        "model.name=resnet50", f"model.weights={weights}", "model.checkpoint_format=torchvision",
+        "data.benchmark=living17", f"data.crop_size={args.image_size}", f"data.n_train={sizes.n_train}",
+        f"data.n_id_val={sizes.evals['id_val']}", f"data.n_ood={sizes.evals['ood']}", f"features.p={args.p}",
+        f"features.batch_size={args.batch_size}", "use_ray=true", "ray.address=local", f"store.out_dir={out}",
+        f"plan.hardware={args.hardware}",
+    ]
+    return Config().with_overrides(overrides + list(args.set))
+
+
+def eight_gpu_node() -> Resources:
+    """One node with 8 GPUs: this machine's GPU type (an H100 when it has none), with 8 × the
+    CPUs, RAM and disk the ``h100`` preset has per GPU."""
+    from entk_ray.plan import local_resources
+
+    here = local_resources().workers[0][0]
+    gpu = here.gpu_type if here.gpus and here.gpu_type in GPU_MEMORY else "H100"
+    memory = here.gpu_memory_bytes if here.gpus else GPU_MEMORY["H100"]
+    h100 = PRESETS["h100"]
+    node = NodeSpec(f"8 × {gpu}", 8, gpu, memory, 8 * h100.cpus, 8 * h100.ram_bytes, 8 * h100.disk_bytes,
+                    note="8 × the h100 preset's CPUs, RAM and disk")
+    return Resources(f"one node, 8 × {gpu}", ((node, 1),))
+
+
+class PeakMemory:
+    """Samples, every ``period`` seconds on a thread: used GPU memory of every visible GPU (all
+    processes: total − free), the machine's used host memory, and Ray's object-store bytes."""
+
+    def __init__(self, period: float = 0.5):
+        import psutil
+
+        self.period = period
+        self.host_start = psutil.virtual_memory().used
+        self.peaks = {"gpu": 0.0, "host": 0.0, "object_store": 0.0, "spilled": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="peak-memory")
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.sample()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            self.sample()
+
+    def sample(self) -> None:
+        import psutil
+
+        self.peaks["host"] = max(self.peaks["host"], psutil.virtual_memory().used - self.host_start)
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                used = 0.0
+                for i in range(torch.cuda.device_count()):
+                    free, total = torch.cuda.mem_get_info(i)
+                    used += total - free
+                self.peaks["gpu"] = max(self.peaks["gpu"], used)
+        except Exception:  # noqa: BLE001 - a failed sample is skipped
+            pass
+        store = object_store_stats()
+        if store is not None:
+            self.peaks["object_store"] = max(self.peaks["object_store"], store[0])
+            self.peaks["spilled"] = max(self.peaks["spilled"], store[1])
+
+
+def object_store_stats() -> tuple[float, float] | None:
+    """(bytes used, bytes spilled so far) of Ray's object stores, or None before Ray is up."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address),
+                                      timeout_seconds=5)
+        return float(reply.store_stats.object_store_bytes_used), float(reply.store_stats.spilled_bytes_total)
+    except Exception:  # noqa: BLE001 - internal API: report nothing rather than fail the run
+        return None
+
+
+def _t(seconds: float) -> str:
+    return f"{seconds:8.1f} s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the example counts (same code)")
+    parser.add_argument("--image-size", type=int, default=224, help="resolution (per-example cost only)")
+    parser.add_argument("--p", type=int, default=500_000, help="gradient coordinates (per-example cost only)")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per feature batch")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the images and of the random weights")
+    parser.add_argument("--hardware", default="auto", help="plan.hardware (auto: this machine)")
+    parser.add_argument("--out", default=None, help="output folder (default: a new temporary folder)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="any other config override, e.g. --set solver.max_steps=200")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if not args.scale > 0:
+        parser.error(f"--scale must be positive, got {args.scale}")
+
+    from entk_ray import pipeline
+    from entk_ray.data.synthetic import synthetic_benchmark
+    from entk_ray.models import normalization
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="living17_scale_")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = scaled_sizes(args.scale)
+    weights = random_resnet50(out / f"resnet50-random-seed{args.seed}.pth", args.seed)
+    cfg = run_config(args, sizes, out, weights)
+    mean, std = normalization("resnet50")
+    benchmark = synthetic_benchmark(sizes.n_train, sizes.evals["id_val"], sizes.evals["ood"], sizes.num_classes,
+                                    args.image_size, args.seed, name=f"living17-synthetic × {args.scale:g}",
+                                    mean=mean, std=std)
+    print(f"living17_scale: scale {args.scale:g}: n = {sizes.n_train:,} train + {sizes.n_eval:,} eval, "
+          f"{sizes.num_classes} classes, ResNet-50 (random weights, seed {args.seed}), {args.image_size} px, "
+          f"p = {args.p:,}; output {out}", flush=True)
+
+    start = time.perf_counter()
+    with PeakMemory() as peaks:
+        result = pipeline.run(cfg, progress=not args.quiet, log=lambda line: print(line, flush=True),
+                              benchmark=benchmark)
+    total = time.perf_counter() - start
+    payload = json.loads(result.paths["results.json"].read_text())
+    plan_estimate = payload["plan"]["stages_s"]
+    t = result.timings
+
+    print("\nstage            measured       plan")
+    rows = [("data", t.get("data_s", 0.0), None), ("Ray start", t.get("ray_init_s", 0.0), None),
+            ("features", t.get("features_s", 0.0), plan_estimate.get("features")),
+            ("kernels", t.get("kernels_s", 0.0), plan_estimate.get("kernels")),
+            ("sweep", t.get("sweep_s", 0.0), plan_estimate.get("solver", 0.0) + plan_estimate.get("Ray overhead", 0.0)),
+            ("linear probe", t.get("probe_s", 0.0), None)]
+    for name, seconds, estimate in rows:
+        print(f"{name:<14} {_t(seconds)}   " + (_t(estimate) if estimate is not None else "       —"))
+    print(f"{'total':<14} {_t(total)}   {_t(payload['plan']['total_s'])}")
+    print(f"peak memory: GPU {peaks.peaks['gpu'] / GB:.2f} GB (all processes), host {peaks.peaks['host'] / GB:.2f} GB "
+          f"above the start, object store {peaks.peaks['object_store'] / GB:.2f} GB "
+          f"(spilled {peaks.peaks['spilled'] / GB:.2f} GB)")
+    print(f"plan: {payload['plan']['solver']}, Φ {payload['plan']['storage_dtype']}, tiles of "
+          f"{payload['plan']['tile_rows']:,} rows in {payload['plan']['kernel_dtype']}; hardware "
+          f"{payload['plan']['hardware']}")
+
+    eight = make_plan(cfg, sizes, eight_gpu_node(), enforce=False)
+    stages = ", ".join(f"{s.name} {s.seconds:.0f} s" for s in eight.stages)
+    print(f"projected on {eight.resources.name} (the plan): {eight.total_seconds:.0f} s ({stages})"
+          + ("" if eight.fits else f"; does not fit: {'; '.join(eight.shortfalls)}"))
+    accuracy = {row["method"]: row["id_acc"] for row in result.rows if row.get("source") == "measured"}
+    print("ID accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
+    print(f"results: {result.paths['results.json']}")
+    print(f"ratio: {total / 600:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
