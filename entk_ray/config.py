@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-FEATURE_METHODS = ("auto", "hooks", "func")
+FEATURE_METHODS = ("auto", "sampled", "hooks", "func")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 BENCHMARKS = ("digits", "living17", "entity13", "entity30", "nonliving26", "image_folder")
 SOLVER_METHODS = ("spectral", "nag")
@@ -54,12 +54,15 @@ class FeatureConfig:
     p: int = 500_000
     param_seed: int = 0
     include_head: bool = False
-    method: str = "auto"  # hooks: per-layer batch gradients; func: torch.func vmap(grad)
+    method: str = "auto"  # auto/sampled: only S's coordinates; hooks: per-layer gradients; func: vmap(grad)
     batch_size: int = 32
     chunk_size: int = 8  # examples per vmap call: bounds memory at chunk × #params floats
     storage_dtype: str = "float32"
     device: str = "auto"  # auto: cuda when available, else cpu
     num_workers: int = 0  # DataLoader workers for decoding images
+    # CUDA only: TF32 (10-bit mantissa products, float32 sums) for the feature computation's
+    # matmuls and convolutions. Off by default; measure its effect on K before turning it on.
+    tf32: bool = False
 
 
 @dataclass
@@ -242,6 +245,8 @@ class Config:
         _choice("features.storage_dtype", f.storage_dtype, STORAGE_DTYPES)
         _choice("features.device", f.device.split(":")[0], ("auto", "cpu", "cuda"))
         _int("features.num_workers", f.num_workers, minimum=0, what="a non-negative integer")
+        if not isinstance(f.tf32, bool):
+            raise ConfigError(f"features.tf32 must be true or false, got {f.tf32!r}")
 
         _choice("data.benchmark", d.benchmark, BENCHMARKS)
         _int("data.seed", d.seed)

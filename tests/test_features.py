@@ -1,4 +1,6 @@
-"""Per-example gradient features: both computers equal a per-example autograd loop; S is stable."""
+"""Per-example gradient features: every computer equals a per-example autograd loop; S is stable.
+
+More on the default (sampled) computer in tests/test_sampled_features.py."""
 import subprocess
 import sys
 
@@ -7,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from entk_ray.features import (FuncFeatureComputer, HookFeatureComputer, compute_features, make_feature_computer,
-                               select_parameters, unsupported_modules)
+from entk_ray.features import (FuncFeatureComputer, HookFeatureComputer, SampledFeatureComputer, compute_features,
+                               make_feature_computer, select_parameters, unsupported_modules)
 from entk_ray.data.base import TensorLabeledDataset
 
 
@@ -65,7 +67,10 @@ def autograd_loop(model, subset, x):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("method", ["hooks", "func"])
+COMPUTERS = {"sampled": SampledFeatureComputer, "hooks": HookFeatureComputer, "func": FuncFeatureComputer}
+
+
+@pytest.mark.parametrize("method", list(COMPUTERS))
 @pytest.mark.parametrize("p", [300, 10**9])
 def test_features_match_per_example_autograd(method, p):
     model = make_model()
@@ -73,17 +78,18 @@ def test_features_match_per_example_autograd(method, p):
     subset = select_parameters(model, p, seed=3)
     expected = autograd_loop(model, subset, x)
     computer = make_feature_computer(model, subset, method, chunk_size=2)
-    assert isinstance(computer, HookFeatureComputer if method == "hooks" else FuncFeatureComputer)
+    assert type(computer) is COMPUTERS[method]
     phi = computer(x)
     assert phi.shape == (5, subset.p) and phi.dtype == torch.float32
     rel = (phi - expected).norm() / expected.norm()
     assert rel < 1e-5, rel
 
 
-def test_features_of_an_example_do_not_depend_on_its_batch():
+@pytest.mark.parametrize("method", ["sampled", "hooks"])
+def test_features_of_an_example_do_not_depend_on_its_batch(method):
     model = make_model()
     x = torch.randn(6, 3, 12, 12)
-    computer = make_feature_computer(model, select_parameters(model, 400, 0), "hooks")
+    computer = make_feature_computer(model, select_parameters(model, 400, 0), method)
     together = computer(x)
     apart = torch.cat([computer(x[:2]), computer(x[2:])])
     torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-6)
@@ -156,8 +162,9 @@ def test_unsupported_layers_fall_back_to_func():
     subset = select_parameters(model, 10**6, 0)
     assert any("LayerNorm" in s for s in unsupported_modules(model))
     assert isinstance(make_feature_computer(model, subset, "auto"), FuncFeatureComputer)
-    with pytest.raises(ValueError, match="LayerNorm"):
-        make_feature_computer(model, subset, "hooks")
+    for method in ("sampled", "hooks"):
+        with pytest.raises(ValueError, match="LayerNorm"):
+            make_feature_computer(model, subset, method)
     x = torch.randn(3, 3, 2, 2)
     phi = make_feature_computer(model, subset, "auto")(x)
     torch.testing.assert_close(phi, autograd_loop(model, subset, x), rtol=1e-5, atol=1e-6)
@@ -168,7 +175,7 @@ def test_compute_features_over_a_dataset_and_reduced_storage(dtype):
     model = make_model()
     images = torch.randn(7, 3, 12, 12)
     ds = TensorLabeledDataset(images, np.arange(7) % 2)
-    computer = make_feature_computer(model, select_parameters(model, 400, 0), "hooks")
+    computer = make_feature_computer(model, select_parameters(model, 400, 0))
     full = compute_features(computer, ds, batch_size=3)
     torch.testing.assert_close(full, computer(images), rtol=1e-5, atol=1e-6)
     shard = compute_features(computer, ds, indices=[4, 5, 6], batch_size=2)

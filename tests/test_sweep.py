@@ -221,20 +221,6 @@ def test_cluster_runtime_env_ships_the_code_unless_local_or_already_shipped(tmp_
     assert runtime.cluster_runtime_env("auto", environ={}, package=installed)["py_modules"] == [str(installed)]
 
 
-def test_init_ray_passes_the_runtime_env_only_when_joining(monkeypatch):
-    calls = []
-    monkeypatch.setattr(runtime.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(runtime.ray, "init", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setattr(runtime.ray, "cluster_resources", lambda: {})
-    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    runtime.init_ray("auto")
-    runtime.init_ray(None, num_cpus=1)
-    runtime.init_ray("auto", runtime_env={"env_vars": {"X": "1"}})  # the caller's own wins
-    assert calls[0]["runtime_env"] == runtime.cluster_runtime_env("auto")
-    assert "runtime_env" not in calls[1]
-    assert calls[2]["runtime_env"] == {"env_vars": {"X": "1"}}
-
-
 def test_a_stopped_trial_process_survives_sigterm():
     """The trial's cleanup ignores SIGTERM (see sweep_trials.ignore_sigterm): a process that set it
     keeps running after a SIGTERM instead of raising SystemExit."""
