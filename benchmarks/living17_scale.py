@@ -98,10 +98,8 @@ class PeakMemory:
     processes: total − free), the machine's used host memory, and Ray's object-store bytes."""
 
     def __init__(self, period: float = 0.5):
-        import psutil
-
         self.period = period
-        self.host_start = psutil.virtual_memory().used
+        self.host_start = host_used_bytes()
         self.peaks = {"gpu": 0.0, "host": 0.0, "object_store": 0.0, "spilled": 0.0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="peak-memory")
@@ -120,9 +118,7 @@ class PeakMemory:
             self.sample()
 
     def sample(self) -> None:
-        import psutil
-
-        self.peaks["host"] = max(self.peaks["host"], psutil.virtual_memory().used - self.host_start)
+        self.peaks["host"] = max(self.peaks["host"], host_used_bytes() - self.host_start)
         try:
             import torch
 
@@ -138,6 +134,16 @@ class PeakMemory:
         if store is not None:
             self.peaks["object_store"] = max(self.peaks["object_store"], store[0])
             self.peaks["spilled"] = max(self.peaks["spilled"], store[1])
+
+
+def host_used_bytes() -> float:
+    """The machine's used memory, MemTotal − MemAvailable from /proc/meminfo (Linux; 0 elsewhere)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    except OSError:
+        return 0.0
+    kib = {name: float(fields[name].split()[0]) for name in ("MemTotal", "MemAvailable") if name in fields}
+    return 1024.0 * (kib["MemTotal"] - kib["MemAvailable"]) if len(kib) == 2 else 0.0
 
 
 def object_store_stats() -> tuple[float, float] | None:

@@ -42,6 +42,8 @@ COMMON_OPTIONS = {
     "--shard-size": ("ray.shard_size", int, "examples per feature shard"),
     "--block-gpus": ("ray.block_gpus", float, "fractional GPU per kernel-block task (0: CPU)"),
     "--artifact-store": ("store.artifact_store", str, "folder or s3:// URI for reusable artifacts"),
+    "--hardware": ("plan.hardware", str, "what the plan is made for: auto (this machine or --address's "
+                                         "cluster), a preset (h100, g5.12xlarge, ...) or custom (--set plan.*)"),
 }
 
 
@@ -79,7 +81,8 @@ def build_parser(description: str, extra: dict | None = None) -> argparse.Argume
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--plan", action="store_true",
                         help="print the run's plan (memory and time per stage, from entk_ray.plan) and exit: 0 when "
-                             "it fits, 2 when it does not; reads no data (Living-17's nominal sizes unless --n-* set)")
+                             "it fits, 2 when it does not; reads no data (Living-17's nominal sizes unless --n-* set); "
+                             "for this machine, --address's cluster, or --set plan.hardware=h100 (a preset)")
     if extra is IMAGE_OPTIONS:
         parser.add_argument("--ood-dir", action="append", default=None, metavar="DIR",
                             help="image_folder: an OOD folder, one table column each (repeatable) [data.ood_dirs]")
@@ -135,10 +138,10 @@ def run_cli(argv: Sequence[str] | None, description: str, base: Config, extra: d
 def print_plan(cfg: Config) -> int:
     """``--plan``: print the plan of the configured run (:func:`entk_ray.plan.make_plan`; no data is
     read) and return 0, or print it with its refusal and return 2 when it does not fit."""
-    from entk_ray.plan import make_plan
+    from entk_ray.pipeline import plan_only
 
     try:
-        print(make_plan(cfg).format())
+        print(plan_only(cfg).format())
     except PlanError as exc:
         if exc.plan is not None:
             print(exc.plan.format())

@@ -88,6 +88,24 @@ def make_backend(cfg: Config, plan: Plan | None = None) -> Backend:
     return LocalBackend()
 
 
+def _refuse_early(cfg: Config, log: Callable[[str], None]) -> None:
+    """Before the data is indexed: a run that cannot fit at the config's nominal sizes (when
+    they are known without the data) is refused at once; the full plan follows at the real sizes."""
+    from entk_ray.plan import local_resources, make_plan, sizes_from_config
+
+    try:
+        sizes = sizes_from_config(cfg)
+    except PlanError:  # sizes known only from the data (image folders): planned once it is indexed
+        return
+    resources = local_resources() if cfg.plan.hardware == "auto" and not cfg.use_ray else None
+    try:
+        make_plan(cfg, sizes, resources)
+    except PlanError as exc:
+        if exc.plan is not None:
+            log(exc.plan.format())
+        raise
+
+
 def plan_run(cfg: Config, benchmark: Benchmark) -> Plan:
     """The run's plan at the benchmark's sizes (:func:`entk_ray.plan.make_plan`): for this machine
     when the run is one process, else for ``plan.hardware`` (``auto``: the connected Ray cluster, or
@@ -97,6 +115,27 @@ def plan_run(cfg: Config, benchmark: Benchmark) -> Plan:
 
     resources = local_resources() if cfg.plan.hardware == "auto" and not cfg.use_ray else None
     return make_plan(cfg, RunSizes.from_benchmark(benchmark), resources)
+
+
+def _joins_cluster(cfg: Config) -> bool:
+    """The plan is made for a Ray cluster this run joins (``ray.address`` names one, ``plan.hardware=auto``)."""
+    return cfg.use_ray and cfg.ray.address not in (None, "local") and cfg.plan.hardware == "auto"
+
+
+def plan_only(cfg: Config) -> Plan:
+    """``--plan``: the plan at the config's sizes (:func:`entk_ray.plan.sizes_from_config`: no
+    data is read) for ``plan.hardware``; ``auto`` is this machine, or the cluster at ``ray.address``
+    (joined to read ``ray.nodes()``, then left). Raises :class:`~entk_ray.plan.PlanError` when
+    the run does not fit."""
+    from entk_ray.plan import local_resources, make_plan
+
+    if not _joins_cluster(cfg):
+        return make_plan(cfg, resources=local_resources() if cfg.plan.hardware == "auto" else None)
+    backend = make_backend(cfg)
+    try:
+        return make_plan(cfg)
+    finally:
+        backend.close()
 
 
 def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
@@ -111,14 +150,16 @@ def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
     ``benchmark``: a ready benchmark (synthetic data, a test's); the data's locations in ``cfg``
     are then neither required nor read."""
     cfg.validate(check_paths=benchmark is None)
+    own_backend = backend is None
+    if own_backend and benchmark is None and not _joins_cluster(cfg):
+        _refuse_early(cfg, log)
     t0 = time.perf_counter()
     benchmark = benchmark or build_benchmark(cfg)
     sizes = {"train": len(benchmark.train), **{k: len(v) for k, v in benchmark.eval_sets().items()}}
     log(f"benchmark {benchmark.name}: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
     timings = {"data_s": time.perf_counter() - t0}
 
-    own_backend = backend is None
-    if own_backend and cfg.use_ray and cfg.ray.address not in (None, "local") and cfg.plan.hardware == "auto":
+    if own_backend and _joins_cluster(cfg):
         backend = make_backend(cfg)  # join the cluster first: the plan is made for its nodes
     try:
         plan = plan_run(cfg, benchmark)

@@ -360,7 +360,9 @@ def resources_from_ray_nodes(nodes: Sequence[Mapping[str, Any]], gpu_memory_byte
     Ray reports CPUs, GPUs, ``memory`` (RAM left for tasks) and ``object_store_memory`` per node and
     an ``accelerator_type:<X>`` resource; RAM ≈ memory + object store. GPU memory comes from the
     GPU type's table entry (or ``gpu_memory_bytes``); disk is not reported (``disk_bytes``, else
-    this machine's)."""
+    this machine's). GPUs whose memory is thus unknown (no known accelerator type: custom
+    ``num_gpus``, e.g. the tests' fake GPUs) are left out of the plan, which then puts no work on
+    them; ``plan.hardware=custom`` plans for them."""
     disk = disk_bytes if disk_bytes is not None else shutil.disk_usage(tempfile.gettempdir()).free
     specs: dict[NodeSpec, int] = {}
     for info in nodes:
@@ -371,11 +373,15 @@ def resources_from_ray_nodes(nodes: Sequence[Mapping[str, Any]], gpu_memory_byte
         accel = next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), "")
         gpu_type = gpu_type_from_name(accel) if gpus else None
         memory = gpu_memory_bytes or GPU_MEMORY.get(gpu_type or "", 0.0)
+        note = "from ray.nodes()"
+        if gpus and not memory:
+            note += f"; {gpus} GPU(s) of unknown type and memory left out of the plan"
+            gpus, gpu_type = 0, None
         store = float(res.get("object_store_memory", 0.0))
         ram = float(res.get("memory", 0.0)) + store
         spec = NodeSpec(f"ray node ({gpus} GPU)" if gpus else "ray node", gpus, gpu_type, memory if gpus else 0.0,
                         int(res.get("CPU", 0)), ram, disk, shm_bytes=store / RAY_SHM_FRACTION,
-                        object_store_bytes=store, note="from ray.nodes()")
+                        object_store_bytes=store, note=note)
         specs[spec] = specs.get(spec, 0) + 1
     if not specs:
         raise PlanError("ray.nodes() lists no live node")
