@@ -81,3 +81,15 @@ def small_local_run(tmp_path_factory):
 
 def test_living17_full_sizes_are_the_plans_nominal_ones():
     assert (LIVING17_FULL.n_train, LIVING17_FULL.n_eval, LIVING17_FULL.num_classes) == (44200, 3400, 17)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["solver.device=tpu"], "solver.device must be one of cpu, cuda, auto"),
+    (["solver.dtype=float16"], "solver.dtype must be one of float64, float32"),
+    (["solver.method=nag", "solver.dtype=float32"], "solver.dtype=float32 needs solver.method=spectral"),
+])
+def test_solver_device_and_dtype_are_validated(overrides, message):
+    from entk_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        Config().with_overrides(overrides).validate(check_paths=False)
