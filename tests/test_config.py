@@ -56,3 +56,57 @@ def test_demo_cli_rejects_bad_values_before_work(capsys):
         demo_main(["--p", "0", "--no-ray"])
     assert info.value.code == 2
     assert "features.p must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def help_text(main, capsys, args=("--help",)):
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_shows_each_commands_real_defaults_and_a_glossary(capsys):
+    import re
+
+    from entk_ray.cli import COMMON_OPTIONS, demo_main, living17_main
+    from entk_ray.models import BACKBONES
+
+    demo = help_text(demo_main, capsys)
+    flat = " ".join(demo.split())  # argparse wraps lines
+    assert "Trains on 1,000 MNIST digits" in flat
+    assert "[features.p; default: 500000]" in flat and "[data.n_train; default: 1000]" in flat
+    assert "[solver.max_extensions; default: 3]" in flat and "[store.out_dir; default: results/demo]" in flat
+    assert f"backbone: {', '.join(BACKBONES)}" in flat
+    assert "None" not in demo
+    assert len(re.findall(r"; default: ", flat)) == len(COMMON_OPTIONS)
+    assert "--ray run features, kernels and the sweep on Ray (the default)" in flat
+    assert "--no-ray run everything in this process, without Ray --set" in flat  # no "(default: True)"
+    for term in ("r, β", "C ", "NAG", "telescopic search", "spectral path", "S, fingerprint", "ID ", "OOD",
+                 "BREEDS", "MoCo"):
+        assert f"\n  {term}" in demo, term
+
+    living = " ".join(help_text(living17_main, capsys).split())
+    assert living.count("entk_ray on BREEDS Living-17") == 1  # the description, printed by the real parser
+    assert "pass --weights PATH" in living
+    for expected in ("[model.name; default: resnet50]", "[data.n_train; default: all]",
+                     "[store.out_dir; default: results/living17]", "[data.benchmark; default: living17]",
+                     "[features.batch_size; default: 64]"):
+        assert expected in living, expected
+
+
+def test_missing_default_weights_say_what_to_do_before_any_work(tmp_path, monkeypatch, capsys):
+    from entk_ray.cli import living17_main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))  # no torchvision file cached here
+    for split in ("train", "val", "ood"):
+        (tmp_path / split).mkdir()
+    with pytest.raises(SystemExit) as info:
+        living17_main(["--benchmark", "image_folder", "--id-train-dir", str(tmp_path / "train"), "--id-val-dir",
+                       str(tmp_path / "val"), "--ood-dir", str(tmp_path / "ood"), "--no-ray", "--quiet",
+                       "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "model.weights is not set and the default resnet50 weights are not available here" in err
+    assert "--weights PATH" in err and "--model efficientnet_lite0" in err
+    assert not (tmp_path / "out").exists()  # nothing ran
+    Config().validate()  # the bundled Lite0 needs no --weights

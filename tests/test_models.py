@@ -389,3 +389,42 @@ def test_building_a_model_leaves_the_global_rng_alone(torchvision_ckpt):
     M.load_torchvision_resnet("resnet18", torchvision_ckpt)
     M.load_efficientnet_lite0()
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# --------------------------------------------------------------------------------------------
+# each backbone's own preprocessing
+
+
+@pytest.mark.parametrize("name", sorted(M.BACKBONES))
+def test_each_backbone_takes_its_pretrained_preprocessing(name, tmp_path):
+    from PIL import Image
+
+    from entk_ray.config import Config
+    from entk_ray.data.transforms import KUMAR_MEAN, KUMAR_STD
+    from entk_ray.pipeline import build_benchmark
+
+    prep = M.preprocessing(name)
+    if name == "efficientnet_lite0":  # timm's config for the same TF weights: bicubic, [-1, 1]
+        cfg = timm.models.get_pretrained_cfg("tf_efficientnet_lite0")
+        assert (prep.interpolation, prep.crop_fraction, prep.mean, prep.std) == \
+            (cfg.interpolation, cfg.crop_pct, tuple(cfg.mean), tuple(cfg.std)) == ("bicubic", 0.875, (0.5,) * 3, (0.5,) * 3)
+    else:  # torchvision's ImageNet preset for interpolation and crop; Kumar et al.'s mean/std (the write-up's)
+        preset = getattr(torchvision.models, f"ResNet{name[6:]}_Weights").IMAGENET1K_V1.transforms()
+        assert (prep.interpolation, prep.crop_fraction) == (preset.interpolation.value, 224 / 256) == ("bilinear", 0.875)
+        assert (prep.mean, prep.std) == (KUMAR_MEAN, KUMAR_STD) and KUMAR_STD[0] == 0.228
+    assert M.normalization(name) == (prep.mean, prep.std)
+
+    # the image benchmarks are built with exactly that transform
+    for split in ("train", "val", "ood"):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("RGB", (40, 30), (200, 10, 10) if label == "a" else (10, 10, 200)).save(
+                tmp_path / split / label / "x.png")
+    cfg = Config().with_overrides([f"model.name={name}", "data.benchmark=image_folder", "data.crop_size=28",
+                                   f"data.id_train_dir={tmp_path / 'train'}", f"data.id_val_dir={tmp_path / 'val'}",
+                                   f"data.ood_dirs=[{tmp_path / 'ood'}]", "data.n_train=null", "data.n_id_val=null",
+                                   "data.n_ood=null", f"data.index_cache={tmp_path / 'cache'}"])
+    steps = build_benchmark(cfg).manifest["transform"]["steps"]
+    assert steps[0] == {"op": "resize", "size": 32, "interpolation": prep.interpolation, "antialias": True}
+    assert steps[1] == {"op": "center_crop", "size": 28}
+    assert steps[3] == {"op": "normalize", "mean": list(prep.mean), "std": list(prep.std)}

@@ -41,6 +41,33 @@ def test_quick_start_writes_the_table_and_figures(small_run):
     assert payload["split_sizes"] == {"train": 80, "id_val": 40, "ood:optdigits": 40}
 
 
+def test_results_describe_the_run(small_run):
+    from entk_ray.fingerprints import digest
+
+    cfg, result = small_run
+    out = result.paths["results.json"].parent
+    payload = json.loads((out / "results.json").read_text())
+    context = payload["context"]
+    assert set(context["versions"]) >= {"entk_ray", "torch", "torchvision", "ray", "timm", "numpy"}
+    assert context["versions"]["torch"] and context["timestamp"].endswith("+00:00") and context["command"]
+    assert context["hardware"]["cpu_count"] >= 1 and isinstance(context["hardware"]["gpus"], list)
+    assert context["git"] is None or len(context["git"]["commit"]) == 40
+    assert digest(payload["fingerprint_parts"]) == payload["fingerprint"] == result.fingerprint
+    assert payload["fingerprint_parts"]["subset"] == payload["subset_fingerprint"]
+    assert set(payload["timings"]) >= {"data_s", "features_s", "kernels_s", "sweep_s", "probe_s", "intervals_s",
+                                       "total_s"}
+    assert payload["search"]["values"] == len({p["r"] for p in payload["sweep_points"]})
+    assert payload["bootstrap"] == {"resamples": 1000, "seed": 0, "method": "percentile", "level": 0.95}
+    for row in payload["rows"]:  # every accuracy has its interval, around it
+        assert row["id_ci"][0] <= row["id_acc"] <= row["id_ci"][1], row["method"]
+        low, high = row["ood_ci"]["optdigits"]
+        assert low <= row["ood_acc"] <= high and high - low < 0.5
+        assert row["tied"] >= 1
+    text = (out / "results.md").read_text()
+    assert text.startswith("# eNTK vs linear probing on digits shift")
+    assert "**Command**" in text and "95% percentile bootstrap" in text and "| ID 95% CI |" in text
+
+
 def test_kernels_are_reproducible(small_run):
     cfg, _ = small_run
     bench = build_benchmark(cfg)
@@ -58,5 +85,5 @@ def test_demo_cli_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     for method in ("Linear probing", "eNTK (early stopping)", "eNTK (converged)"):
         assert method in out
-    assert "| Method | ID | OOD |" in out
+    assert "| Method | ID | ID 95% CI | OOD | OOD 95% CI |" in out
     assert (tmp_path / "results.json").exists()

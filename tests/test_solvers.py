@@ -4,8 +4,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from entk_ray.solvers import (SolverSettings, SpectralSolver, beta_from_r, choose_converged, choose_early_stopping,
-                              eval_steps, holdout_split, kernel_ridge, make_problem, nag_solve, one_hot_targets, solve_sweep,
+from entk_ray.solvers import (SolverRun, SolverSettings, SpectralSolver, beta_from_r, choose_converged,
+                              choose_early_stopping, eval_steps, holdout_split, kernel_ridge, make_problem, nag_solve,
+                              one_hot_targets, predictions_at, search_limits, search_summary, solve_sweep, squared_loss,
                               telescopic_search, zoom_grid)
 
 
@@ -57,18 +58,79 @@ def test_spectral_path_reproduces_iterative_nag(momentum, r):
     np.testing.assert_allclose(path.grad_norm, run.grad_norm, rtol=1e-6, atol=1e-12)
 
 
-def test_early_stopping_picks_the_best_id_step_earliest_on_ties():
+def test_early_stopping_picks_the_best_id_step_lowest_loss_on_ties():
     problem = synthetic_problem(seed=3)
     runs = [SpectralSolver.from_problem(problem).path(r, 300, 5, 1e-12) for r in (1e-3, 1e-1)]
     choice = choose_early_stopping(runs, "id_val")
     best = max(float(run.accuracy["id_val"].max()) for run in runs)
     assert choice.accuracy["id_val"] == best
-    run = next(run for run in runs if run.r == choice.r)
-    first = int(np.flatnonzero(run.accuracy["id_val"] == best)[0])
-    assert choice.step == run.steps[first]
-    assert choice.accuracy["ood:shift"] == run.accuracy["ood:shift"][first]
+    tied = [(run, i) for run in runs for i in np.flatnonzero(run.accuracy["id_val"] == best)]
+    assert choice.tied == len(tied)
+    run, index = min(tied, key=lambda c: c[0].loss["id_val"][c[1]])
+    assert (choice.r, choice.step) == (run.r, run.steps[index])
+    assert choice.accuracy["ood:shift"] == run.accuracy["ood:shift"][index]
+    assert choice.selection_loss == run.loss["id_val"][index]
     final = choose_converged(runs, "id_val")
     assert final.step in {run.final_step for run in runs}
+
+
+def fake_run(r, accuracy, loss, stage="grid"):
+    steps = np.arange(1, len(accuracy) + 1) * 10
+    return SolverRun(r=r, beta=10 * r, steps=steps, accuracy={"id_val": np.asarray(accuracy, dtype=float)},
+                     grad_norm=np.ones(len(steps)), converged=False, final_step=int(steps[-1]),
+                     loss={"id_val": np.asarray(loss, dtype=float)}, stage=stage)
+
+
+def test_ties_on_selection_accuracy_go_to_the_lowest_loss_and_are_counted():
+    runs = [fake_run(1e-3, [0.5, 1.0, 1.0], [0.9, 0.4, 0.3]),
+            fake_run(1e-2, [1.0, 1.0, 0.9], [0.5, 0.2, 0.1]),
+            fake_run(1e-1, [0.8, 1.0, 1.0], [0.9, 0.6, 0.25])]
+    early = choose_early_stopping(runs, "id_val")
+    assert (early.r, early.step, early.tied, early.selection_loss) == (1e-2, 20, 6, 0.2)
+    converged = choose_converged(runs, "id_val")  # final iterates: 1.0 (loss 0.3), 0.9, 1.0 (loss 0.25)
+    assert (converged.r, converged.step, converged.tied) == (1e-1, 30, 2)
+    assert runs[0].best_index("id_val") == 2  # within a run too: the later step has the lower loss
+    # without losses (old cached runs) the earliest tied point wins, as before
+    plain = [dataclasses.replace(run, loss=None) for run in runs]
+    assert (choose_early_stopping(plain, "id_val").r, choose_early_stopping(plain, "id_val").step) == (1e-3, 20)
+
+
+def test_recorded_loss_is_the_squared_error_of_the_scores():
+    problem = synthetic_problem(seed=6, targets="centered")
+    solver = SpectralSolver.from_problem(problem)
+    path = solver.path(1e-2, 60, 20, 1e-12)
+    run, iterates = nag_solve(problem, 1e-2, 60, 20, 1e-12, lam_max=solver.lam_max, lam_min=solver.lam_min,
+                              return_iterates=True)
+    classes = problem.targets.shape[1]
+    for name, ke in problem.eval_kernels.items():
+        y = one_hot_targets(problem.eval_labels[name], classes, centered=True)
+        expected = [np.mean(np.sum((ke @ alpha - y) ** 2, axis=1)) for alpha in iterates]
+        np.testing.assert_allclose(run.loss[name], expected, rtol=1e-12, err_msg="NAG records its own loss")
+        # the spectral path's scores differ from K_e α by round-off only
+        np.testing.assert_allclose(path.loss[name], expected, rtol=1e-8, err_msg=name)
+    assert squared_loss(np.eye(3), np.arange(3)) == 0.0
+
+
+@pytest.mark.parametrize("method", ["spectral", "nag"])
+def test_predictions_at_a_chosen_point_reproduce_its_accuracy(method):
+    problem = synthetic_problem(seed=7)
+    settings = SolverSettings(method=method, max_steps=120, eval_every=10, tol=1e-8, r_grid=(1e-3, 1e-1), rounds=1)
+    runs = solve_sweep(problem, settings, progress=False)
+    for choice in (choose_early_stopping(runs, "id_val"), choose_converged(runs, "id_val")):
+        predicted = predictions_at(problem, choice.r, choice.step, settings)
+        for name, labels in problem.eval_labels.items():
+            assert np.mean(predicted[name] == labels) == choice.accuracy[name], (choice.method, name)
+    with pytest.raises(ValueError, match="step"):
+        predictions_at(problem, 1e-3, 0, settings)
+
+
+def test_solver_run_round_trips_with_loss_and_stage():
+    run = fake_run(1e-3, [0.5, 1.0], [0.3, 0.1], stage="extension")
+    back = SolverRun.from_dict(run.to_dict())
+    assert back.stage == "extension" and np.array_equal(back.loss["id_val"], run.loss["id_val"])
+    old = run.to_dict()
+    del old["loss"], old["stage"]  # a sweep cached before losses were recorded
+    assert SolverRun.from_dict(old).loss is None and SolverRun.from_dict(old).stage == "grid"
 
 
 def test_eval_steps_include_the_last_step():
@@ -101,6 +163,57 @@ def test_telescopic_search_zooms_around_the_best_r_and_keeps_every_point():
     best = max(runs, key=lambda run: run.accuracy["id_val"][0])
     assert abs(np.log10(best.r) + 2.3) < 0.3
     assert np.allclose(np.log10(zoom_grid(1e-2, 2.0, 3)), [-3, -2, -1])
+
+
+def peaked_round(peak_log_r, calls):
+    """A fake ``run_round``: selection accuracy peaks at r = 10**peak_log_r; records its calls."""
+    def run_round(rs, round_index):
+        calls.append((round_index, list(rs)))
+        return [fake_run(r, [1.0 - abs(np.log10(r) - peak_log_r) / 100], [0.0]) for r in rs]
+    return run_round
+
+
+def test_a_best_r_on_the_grid_edge_extends_the_search_past_it():
+    calls = []
+    grid = [10.0**k for k in range(-6, 3)]
+    runs = telescopic_search(peaked_round(-7.6, calls), grid, rounds=3, points_per_round=5, select_on="id_val",
+                             max_extensions=3, progress=False)
+    # round 0: the grid; its best (1e-6) is its lower edge, so round 1 goes three decades further down
+    assert np.allclose(np.log10(calls[1][1]), [-7, -8, -9])
+    assert {run.stage for run in runs if run.round == 1} == {"extension"}
+    limits = search_limits(grid, 3)
+    assert limits.lower == pytest.approx(1e-9) and limits.upper == pytest.approx(1e5)
+    assert min(run.r for run in runs) >= 1e-9 * (1 - 1e-9)  # zoom rounds stay inside the limits
+    best = max(runs, key=lambda run: run.accuracy["id_val"][0])
+    assert abs(np.log10(best.r) + 7.6) < 0.3
+    summary = search_summary(runs, grid, 3, "id_val")
+    assert summary["at_limit"] is None and summary["extended"] == pytest.approx([1e-9, 1e-8, 1e-7])
+    assert "extended below 1e-06" in summary["message"]
+
+
+def test_a_best_r_past_the_limit_is_reported_at_the_limit():
+    calls = []
+    grid = [1e-4, 1e-2, 1.0]  # two-decade spacing: the extension keeps it
+    runs = telescopic_search(peaked_round(4.5, calls), grid, rounds=2, points_per_round=3, select_on="id_val",
+                             max_extensions=2, progress=False)
+    assert np.allclose(np.log10(calls[1][1]), [2, 4])
+    assert max(run.r for run in runs) == pytest.approx(1e4)
+    summary = search_summary(runs, grid, 2, "id_val")
+    assert summary["at_limit"] == "upper" and summary["best_r"] == pytest.approx(1e4)
+    assert "upper limit" in summary["message"] and "max_extensions" in summary["message"]
+    # max_extensions = 0: no r outside the grid at all, and the edge is reported
+    calls = []
+    runs = telescopic_search(peaked_round(4.5, calls), grid, rounds=2, points_per_round=3, select_on="id_val",
+                             max_extensions=0, progress=False)
+    assert max(run.r for run in runs) == pytest.approx(1.0) and len(calls) == 2
+    assert search_summary(runs, grid, 0, "id_val")["at_limit"] == "upper"
+
+
+def test_search_progress_is_plain_lines_when_not_a_terminal(capsys):
+    telescopic_search(peaked_round(-2.0, []), [1e-4, 1e-2, 1.0], rounds=2, points_per_round=3, select_on="id_val")
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith("β search: 1/2 round (50%)") and "best r=0.01" in err
+    assert "\r" not in err and "\x1b" not in err
 
 
 @pytest.mark.parametrize("method", ["spectral", "nag"])

@@ -99,7 +99,9 @@ def drive(searcher: TelescopicSearcher, solve, *, fail_first: bool = False, stop
 def test_searcher_proposes_the_rounds_of_the_one_process_search(rs_per_trial):
     problem = random_problem()
     expected_rounds, expected_runs = one_process_rounds(problem, SETTINGS)
-    assert len(expected_rounds) == 3 and len(expected_rounds[0]) == 5
+    # round 0's best r sits on the grid's upper edge, so the search extends past it before zooming
+    assert len(expected_rounds[0]) == 5 and expected_rounds[1] == pytest.approx([10.0, 100.0, 1000.0])
+    assert len(expected_rounds) == 4
 
     searcher = TelescopicSearcher(SETTINGS, problem.select_on, rs_per_trial=rs_per_trial)
     configs = drive(searcher, PathBatch.for_problem(problem, SETTINGS))
@@ -299,7 +301,7 @@ def test_sweep_on_s3_storage(ray_local, tmp_path):
         cfg.storage_options = s3.storage_options
         runs = tune_sweep(cfg, problem, name="on-s3", rs_per_trial=5)
         keys = s3.filesystem().find("sweeps/artifacts/tune/on-s3")
-    assert [run.r for run in runs] == list(SETTINGS.r_grid)
+    assert [run.r for run in runs if run.stage == "grid"] == list(SETTINGS.r_grid)  # (and any edge extension)
     names = {key.rsplit("/", 1)[1] for key in keys}
     assert "tuner.pkl" in names and "result.json" in names
     assert any(f"/round0_{r_label(list(SETTINGS.r_grid))}_" in key for key in keys)

@@ -1,6 +1,9 @@
 """Image preprocessing for evaluation-style feature extraction.
 
-The default is the transform of Kumar et al. (ICLR 2022) used for Living-17: ``Resize(256)``
+Each backbone brings its own interpolation, crop fraction and normalization from its pretrained
+config (:func:`entk_ray.models.preprocessing`; the pipeline passes them to
+:func:`eval_transform_for_crop`). The defaults here are the transform of Kumar et al. (ICLR 2022)
+used for Living-17, which the ResNets follow: ``Resize(256)``
 (shorter side, bilinear, antialiased on PIL images), ``CenterCrop(224)``, ``ToTensor`` and
 ``Normalize(mean=(0.485, 0.456, 0.406), std=(0.228, 0.224, 0.225))``. Note the std's first entry
 is 0.228 (Kumar et al.'s value), not torchvision's 0.229.
@@ -98,9 +101,12 @@ def eval_transform(
     return EvalTransform(resize, crop, tuple(mean), tuple(std), interpolation)
 
 
-def eval_transform_for_crop(crop: int, **kwargs: Any) -> EvalTransform:
-    """An evaluation transform for a ``crop`` resolution, resizing by the usual 256/224 ratio."""
-    return eval_transform(resize=int(round(crop * 256 / 224)), crop=crop, **kwargs)
+def eval_transform_for_crop(crop: int, crop_fraction: float = 224 / 256, **kwargs: Any) -> EvalTransform:
+    """An evaluation transform for a ``crop`` resolution: resize the shorter side to
+    ``round(crop / crop_fraction)`` (timm's ``crop_pct``; 224/256 by default), then center-crop."""
+    if not 0 < crop_fraction <= 1:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction!r}")
+    return eval_transform(resize=int(round(crop / crop_fraction)), crop=crop, **kwargs)
 
 
 def describe_transform(transform: Any) -> Any:

@@ -173,7 +173,7 @@ class _KernelStage:
                       "shard_failures": 0, "pids": set(), "nodes": set(), "reused": False}
 
     def run(self) -> KernelSet:
-        from tqdm.auto import tqdm
+        from entk_ray.progress import progress_bar
 
         cached = self._open_store()
         if cached is not None:
@@ -185,12 +185,12 @@ class _KernelStage:
                                          block_gpus=self.cfg.ray.block_gpus, namespace=self.ns,
                                          tile_rows=self.cfg.plan.tile_rows,  # the plan's (None: a shard each)
                                          compute_dtype=self.cfg.plan.kernel_dtype.replace("auto", "float64"))
-        self.block_bar = tqdm(total=self.assembler.total, desc="kernel blocks", unit="block",
-                              disable=not self.progress, leave=False)
+        self.block_bar = progress_bar(total=self.assembler.total, desc="kernel blocks", unit="block",
+                                      enabled=self.progress)
         self.stats["blocks_cached"] = self.assembler.load_cached(self.block_bar)
         todo = self._shards_to_compute(shards)
-        self.feature_bar = tqdm(total=sum(s.size for s in todo), desc="features", unit="ex",
-                                disable=not self.progress, leave=False)
+        self.feature_bar = progress_bar(total=sum(s.size for s in todo), desc="features", unit="ex",
+                                        enabled=self.progress)
         try:
             self._compute(todo)
             self._loop()
