@@ -204,8 +204,10 @@ def extrapolate(measured: dict[str, float], scaled_plan, full_plan) -> dict[str,
 
 
 class Deadline:
-    """``--max-seconds``: interrupts the main thread (a KeyboardInterrupt there, so the pipeline's
-    ``finally`` closes the backend and Ray) once the run has taken ``seconds``."""
+    """``--max-seconds``: sends this process SIGINT (a KeyboardInterrupt in the main thread, also
+    out of a blocking wait, so the pipeline's ``finally`` closes the backend and Ray) once the run
+    has taken ``seconds``. Tune's own SIGINT handler is turned off (it would end the sweep's trials
+    quietly and let the run go on)."""
 
     def __init__(self, seconds: float | None):
         self.seconds, self.hit = seconds, False
@@ -213,11 +215,13 @@ class Deadline:
 
     def __enter__(self):
         if self.seconds:
-            import _thread
+            import signal
+
+            os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
             def fire():
                 self.hit = True
-                _thread.interrupt_main()
+                os.kill(os.getpid(), signal.SIGINT)
 
             self._timer = threading.Timer(self.seconds, fire)
             self._timer.daemon = True
@@ -308,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ratio: {total / 600:.4f}")
         return 3
 
+    if deadline.hit:  # the interrupt landed where something caught it: the numbers below are of a cut run
+        print(f"\nnote: --max-seconds {args.max_seconds:g} passed during the run; a stage may have ended early")
     payload = json.loads(result.paths["results.json"].read_text())
     plan = payload["plan"]
     estimate = plan["stages_s"]

@@ -8,7 +8,7 @@ import pytest
 from entk_ray.arrays import NUMPY, ArrayNamespace, namespace_for
 from entk_ray.solvers import (NagSolver, SolverSettings, SpectralSolver, Spectrum, extreme_eigenvalues,
                               float32_eigh_error, momentum_coefficient, momentum_schedule, nag_solve, ridge_beta,
-                              round_runner, solve_sweep)
+                              round_runner, solve_sweep, squared_loss)
 from test_solvers import synthetic_problem
 
 TORCH_CPU = ArrayNamespace("torch", "cpu")
@@ -49,6 +49,11 @@ def test_batched_nag_equals_per_beta_nag(namespace, momentum):
         assert run.converged == alone.converged and run.beta == alone.beta
         for name in problem.eval_kernels:
             assert np.array_equal(run.accuracy[name], alone.accuracy[name]), (r, name)
+            # reason: the losses of the same scores up to round-off of the batched GEMM
+            np.testing.assert_allclose(run.loss[name], alone.loss[name], rtol=1e-10)
+            scores = [problem.eval_kernels[name] @ a for a in alphas]
+            np.testing.assert_allclose(run.loss[name], [squared_loss(sc, problem.eval_labels[name]) for sc in scores],
+                                       rtol=1e-10)
         reference = textbook_nag(problem, r, lam_max, lam_min, run.final_step, momentum)
         scale = max(np.abs(a).max() for a in reference)
         for step, a_batched, a_alone in zip(run.steps, alphas, alone_alphas):
@@ -73,6 +78,7 @@ def test_torch_on_cpu_gives_numpys_sweep(method):
         # scores that agree to ~1e-12 relative, far from a tie on this problem
         for name in problem.eval_kernels:
             np.testing.assert_array_equal(a.accuracy[name], b.accuracy[name], err_msg=f"{method} r={a.r} {name}")
+            np.testing.assert_allclose(a.loss[name], b.loss[name], rtol=1e-9)
         np.testing.assert_allclose(a.grad_norm, b.grad_norm, rtol=1e-8, atol=1e-12)
         assert a.beta == pytest.approx(b.beta, rel=1e-14)
 
