@@ -9,7 +9,9 @@ terminal; otherwise a :class:`LineProgress` that writes one plain line at every 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -31,11 +33,30 @@ def progress_enabled(enabled: bool) -> Iterator[None]:
         _ENABLED[0] = previous
 
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class StripAnsiFilter(logging.Filter):
+    """Removes ANSI escape codes from a record's message (Ray's "View the dashboard at" line
+    hard-codes bold green, whatever the stream)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "\x1b" in message:
+            record.msg, record.args = _ANSI_ESCAPE.sub("", message), ()
+        return True
+
+
 def plain_ray_logs(stream: TextIO | None = None) -> None:
-    """When ``stream`` (stderr) is not a terminal, ask Ray not to colour the worker lines it relays
-    to the driver (``RAY_COLOR_PREFIX=0``, read as each line is printed); an explicit setting wins."""
+    """When ``stream`` (stderr) is not a terminal, keep Ray's output there free of colour codes:
+    the worker lines Ray relays to the driver (``RAY_COLOR_PREFIX=0``, read as each line is printed;
+    an explicit setting wins) and the driver's own ``ray`` log records (:class:`StripAnsiFilter`)."""
     if not is_terminal(stream if stream is not None else sys.stderr):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        for name in ("ray", "ray._private.worker"):  # a filter applies to its own logger's records only
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, StripAnsiFilter) for f in logger.filters):
+                logger.addFilter(StripAnsiFilter())
 
 
 def is_terminal(stream: TextIO) -> bool:

@@ -50,3 +50,15 @@ def test_ray_worker_lines_are_not_coloured_in_a_log_file(monkeypatch):
     monkeypatch.setenv("RAY_COLOR_PREFIX", "1")  # an explicit choice wins
     plain_ray_logs(io.StringIO())
     assert os.environ["RAY_COLOR_PREFIX"] == "1"
+
+
+def test_ray_driver_log_records_lose_their_colour_codes_in_a_log_file():
+    import logging
+
+    plain_ray_logs(io.StringIO())
+    logger = logging.getLogger("ray._private.worker")
+    record = logger.makeRecord(logger.name, logging.INFO, __file__, 1,
+                               "Started. View the dashboard at %s%s%s %s%s",
+                               ("\x1b[1m", "\x1b[32m", "http://127.0.0.1:8265", "\x1b[39m", "\x1b[22m"), None)
+    assert logger.filter(record)
+    assert record.getMessage() == "Started. View the dashboard at http://127.0.0.1:8265 "

@@ -118,6 +118,18 @@ def test_searcher_proposes_the_rounds_of_the_one_process_search(rs_per_trial):
         assert doc["accuracy"] == {k: v.tolist() for k, v in run.accuracy.items()}
 
 
+def test_searcher_honours_the_extension_limit():
+    """solver.max_extensions reaches the searcher: with 0 the edge-best grid is not extended."""
+    import dataclasses
+
+    problem = random_problem()
+    settings = dataclasses.replace(SETTINGS, max_extensions=0)
+    searcher = TelescopicSearcher(settings, problem.select_on, rs_per_trial=5)
+    drive(searcher, PathBatch.for_problem(problem, settings))
+    assert max(max(rs) for rs in searcher.proposed) <= max(SETTINGS.r_grid)
+    assert len(searcher.proposed) == SETTINGS.rounds
+
+
 def test_restored_searcher_does_not_run_finished_r_again(tmp_path):
     problem = random_problem(seed=1)
     solve = PathBatch.for_problem(problem, SETTINGS)

@@ -276,7 +276,8 @@ def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: 
 
     # The same search over the trials' results: the driver's list is solve_sweep's, by construction.
     runs = telescopic_search(replay_round, settings.r_grid, settings.rounds, settings.points_per_round,
-                             problem.select_on)
+                             problem.select_on, max_extensions=settings.max_extensions,
+                             progress=False)  # the searcher's thread already showed it
     if on_round is not None:
         for round_index in sorted({run.round for run in runs}):
             on_round(round_index, [run for run in runs if run.round == round_index])

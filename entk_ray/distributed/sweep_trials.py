@@ -326,7 +326,8 @@ class TelescopicSearcher(Searcher):
 
     def _search(self, r_grid, rounds: int, points_per_round: int) -> None:
         try:
-            telescopic_search(self._run_round, r_grid, rounds, points_per_round, self.select_on)
+            telescopic_search(self._run_round, r_grid, rounds, points_per_round, self.select_on,
+                              max_extensions=self.settings.max_extensions)
         except BaseException as exc:  # handed to the controller thread, never lost
             self._to_tune.put(("failed", exc))
         else:
