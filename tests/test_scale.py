@@ -82,6 +82,6 @@ def test_scale_benchmark_end_to_end_through_local_ray(tmp_path):
     assert payload["backend"] == "ray" and payload["plan"]["fits"]
     config = payload["config"]
     assert config["model"]["name"] == "resnet50" and config["features"]["p"] == 4000
-    assert config["plan"]["tile_rows"] == payload["plan"]["tile_rows"]  # the backend ran the plan's tiles
+    assert config["plan"]["tile_rows"] == payload["plan"]["tile_rows"]  # the run's config carries the plan's tiles
     total = float(next(line.split()[1] for line in lines if line.startswith("total")))
     assert ratio == pytest.approx(total / 600, abs=1e-3)

@@ -15,6 +15,18 @@ TORCH_CPU = ArrayNamespace("torch", "cpu")
 RS = [1e-4, 3e-3, 0.1, 1.0]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These matrices are tiny (n = 150): torch's thread pool only adds synchronization, which a
+    busy shared machine turns into seconds per step. Results do not depend on it (tolerances)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def textbook_nag(problem, r, lam_max, lam_min, max_steps, momentum):
     """NAG written out per β with a fresh product with K every step (no carried Kα):
     v = α_t + μ_t(α_t − α_{t−1}), α_{t+1} = v − η((K + βI)v − Y). Returns α_1 … α_max_steps."""
