@@ -25,6 +25,13 @@ class ProbeResult:
     sweep: list[dict]  # every C: {"C": …, <set>: acc, …, "selection_loss": cross-entropy on the selection set}
     predictions: dict[str, np.ndarray] = field(default_factory=dict)  # at the chosen C, per evaluation set
     tied: int = 1  # values of C that shared the best selection accuracy
+    # The fitted probe at the chosen C, for LP-FT's head: decision(x) = coef·((x − mean)/scale) + intercept,
+    # one row per label in ``classes`` (one row in all for two classes, as scikit-learn fits it).
+    coef: np.ndarray | None = None
+    intercept: np.ndarray | None = None
+    mean: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    classes: np.ndarray | None = None
 
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_sets: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -41,7 +48,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_sets: dict[str, 
     xs = scaler.transform(train_x)
     evals = {k: (scaler.transform(x), y) for k, (x, y) in eval_sets.items()}
     clf = LogisticRegression(max_iter=max_iter, warm_start=True)
-    sweep, predictions = [], []
+    sweep, predictions, fits = [], [], []
     grid = sorted(float(c) for c in c_grid)
     with progress_bar(total=len(grid), desc="linear probe", unit="C", enabled=progress, rate=False) as bar:
         for c in grid:
@@ -55,13 +62,15 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_sets: dict[str, 
             sweep.append({"C": c, **{k: float(np.mean(predicted[k] == y)) for k, (_x, y) in evals.items()},
                           "selection_loss": loss})
             predictions.append(predicted)
+            fits.append((clf.coef_.copy(), clf.intercept_.copy()))
             bar.set_postfix_str(f"C={c:.3g}: {select_on} {100 * sweep[-1][select_on]:.1f}%")
             bar.update(1)
     best_acc = max(row[select_on] for row in sweep)
     tied = [i for i, row in enumerate(sweep) if row[select_on] == best_acc]
     best = min(tied, key=lambda i: sweep[i]["selection_loss"])  # first of equal losses: the smallest C
     return ProbeResult(c=sweep[best]["C"], accuracy={k: sweep[best][k] for k in eval_sets}, sweep=sweep,
-                       predictions=predictions[best], tied=len(tied))
+                       predictions=predictions[best], tied=len(tied), coef=fits[best][0], intercept=fits[best][1],
+                       mean=scaler.mean_.copy(), scale=scaler.scale_.copy(), classes=clf.classes_.copy())
 
 
 def cross_entropy(proba: np.ndarray, classes: np.ndarray, labels: np.ndarray, eps: float = 1e-15) -> float:

@@ -49,6 +49,8 @@ COMMON_OPTIONS = {
     "--artifact-store": ("store.artifact_store", str, "folder or s3:// URI for reusable artifacts"),
     "--hardware": ("plan.hardware", str, "what the plan is made for: auto (this machine or --address's "
                                          "cluster), a preset (h100, g5.12xlarge, ...) or custom (--set plan.*)"),
+    "--baselines": ("finetune.baselines", str, "trained baselines to add, comma-separated: ft (fine-tuning), lpft "
+                    "(LP-FT), scratch (from scratch); off by default (finetune.* sets epochs, lr_grid, batch_size)"),
 }
 
 
@@ -212,8 +214,7 @@ def run_cli(argv: Sequence[str] | None, description: str, base: Config, extra: d
     print()
     print(f"selection set: {result.problem_select_on}; backend: {'ray' if cfg.use_ray else 'local'}; "
           f"wall time {time.perf_counter() - start:.1f}s")
-    print(f"results: {result.paths['results.json'].parent}/ (results.json, results.csv, results.md, "
-          f"sweep.csv, accuracy_vs_step.png, accuracy_vs_beta.png)")
+    print(f"results: {result.paths['results.json'].parent}/ ({', '.join(p.name for p in result.paths.values())})")
     return 0
 
 

@@ -23,6 +23,10 @@ SOLVER_DTYPES = ("float64", "float32")
 TARGETS = ("onehot", "centered")
 SELECTIONS = ("id", "holdout")
 CORRUPT_POLICIES = ("fail", "skip")
+FINETUNE_BASELINES = ("ft", "lpft", "scratch")
+FINETUNE_PRECISIONS = ("auto", "fp32", "bf16")
+FINETUNE_AUGMENTS = ("auto", "none")
+FINETUNE_BATCHNORM = ("train", "frozen")
 IMAGE_BENCHMARKS = ("living17", "entity13", "entity30", "nonliving26", "image_folder")  # decoded from image files
 # plan.hardware: detected, a preset of entk_ray.plan.PRESETS, or the plan.* numbers
 PLAN_HARDWARE = ("auto", "custom", "h100", "g5.12xlarge", "p4d.24xlarge", "r6i.8xlarge")
@@ -149,6 +153,45 @@ class RayConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Trained baselines beside the eNTK (``entk_ray.finetune``), Kumar et al.'s Living-17 recipe.
+
+    ``ft``: fine-tune every parameter from the pretrained backbone with a fresh linear head;
+    ``lpft``: the same from the run's linear probe as the head; ``scratch``: the same network from
+    random initialization. Each trains with SGD (momentum, no weight decay), cross-entropy and a
+    per-step cosine schedule for ``epochs`` epochs at every learning rate of ``lr_grid`` (one Ray
+    Tune trial each); the learning rate and the epoch are chosen on the eNTK's selection set.
+    """
+
+    baselines: list[str] = field(default_factory=list)  # any of ft, lpft, scratch ("ft,lpft" works too)
+    epochs: int = 20
+    batch_size: int = 64  # global: split evenly across a trial's Ray Train workers
+    lr_grid: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0  # head and scratch initialization, data order, augmentation
+    augment: str = "auto"  # auto: RandomResizedCrop (+ flip for photos), see entk_ray.data.augment; none
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16
+    channels_last: bool = True  # CUDA only
+    sync_batchnorm: bool = True  # SyncBatchNorm across the GPU workers of a trial (CPU workers keep their own)
+    # BatchNorm while training ft/lpft: train (batch statistics, Kumar et al.) or frozen (the pretrained
+    # running statistics; for small batches or inputs far from the pretraining data). scratch: always train.
+    batchnorm: str = "train"
+    eval_batch_size: int = 256
+    num_workers: int = 1  # Ray Train workers (DDP) per trial; trials run side by side on the rest
+    use_gpu: bool | None = None  # None: when the Ray cluster has GPUs
+    cpus_per_worker: float = 1.0  # on GPUs give each worker CPUs to decode images, e.g. 8–12
+    loader_workers: int | None = None  # DataLoader processes per training worker; None: cpus_per_worker − 1
+    max_concurrent: int | None = None  # trials at once; None: as many as the cluster holds
+    max_failures: int = 0  # worker-group restarts per trial, each from the last checkpoint
+
+    def __post_init__(self):
+        if isinstance(self.baselines, str):  # --baselines ft,lpft,scratch
+            names = [name.strip() for name in self.baselines.split(",")]
+            self.baselines = [name for name in names if name and name != "none"]
+
+
+@dataclass
 class StoreConfig:
     out_dir: str = "results/demo"
     artifact_store: str | None = None  # local folder or s3://...; None: <out_dir>/artifacts
@@ -188,6 +231,7 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     use_ray: bool = False
     # fsspec options for every s3:// (or other remote) path of the run: data, weights, index
@@ -334,6 +378,53 @@ class Config:
         _int("ray.shard_size", r.shard_size, minimum=1, what="a positive integer")
         _int("ray.max_blocks_in_flight", r.max_blocks_in_flight, minimum=1, what="a positive integer")
 
+        ft = self.finetune
+        if not isinstance(ft.baselines, list):
+            raise ConfigError(f"finetune.baselines must be a list of {', '.join(FINETUNE_BASELINES)}, got {ft.baselines!r}")
+        for i, name in enumerate(ft.baselines):
+            _choice(f"finetune.baselines[{i}]", name, FINETUNE_BASELINES)
+        if "scratch" in ft.baselines:
+            from entk_ray.finetune import random_backbones
+
+            if m.name not in random_backbones():
+                raise ConfigError(f"finetune.baselines 'scratch' needs a random initialization of model.name="
+                                  f"{m.name!r}; known: {', '.join(random_backbones())}")
+        if len(set(ft.baselines)) != len(ft.baselines):
+            raise ConfigError(f"finetune.baselines lists a baseline twice: {ft.baselines!r}")
+        _int("finetune.epochs", ft.epochs, minimum=1, what="a positive integer")
+        _int("finetune.batch_size", ft.batch_size, minimum=1, what="a positive integer")
+        _int("finetune.num_workers", ft.num_workers, minimum=1, what="a positive integer")
+        if ft.batch_size % ft.num_workers:
+            raise ConfigError(f"finetune.batch_size ({ft.batch_size}) must be a multiple of finetune.num_workers "
+                              f"({ft.num_workers}): each worker takes an equal share of the global batch")
+        if not ft.lr_grid:
+            raise ConfigError("finetune.lr_grid must not be empty")
+        for i, value in enumerate(ft.lr_grid):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"finetune.lr_grid[{i}] must be a positive number, got {value!r}")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(ft, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"finetune.{name} must be a non-negative number, got {value!r}")
+        _int("finetune.seed", ft.seed)
+        _choice("finetune.augment", ft.augment, FINETUNE_AUGMENTS)
+        _choice("finetune.precision", ft.precision, FINETUNE_PRECISIONS)
+        _choice("finetune.batchnorm", ft.batchnorm, FINETUNE_BATCHNORM)
+        for name in ("channels_last", "sync_batchnorm"):
+            if not isinstance(getattr(ft, name), bool):
+                raise ConfigError(f"finetune.{name} must be true or false, got {getattr(ft, name)!r}")
+        if ft.use_gpu is not None and not isinstance(ft.use_gpu, bool):
+            raise ConfigError(f"finetune.use_gpu must be true, false or null, got {ft.use_gpu!r}")
+        _int("finetune.eval_batch_size", ft.eval_batch_size, minimum=1, what="a positive integer")
+        if not isinstance(ft.cpus_per_worker, (int, float)) or isinstance(ft.cpus_per_worker, bool) \
+                or not ft.cpus_per_worker > 0:
+            raise ConfigError(f"finetune.cpus_per_worker must be a positive number, got {ft.cpus_per_worker!r}")
+        if ft.loader_workers is not None:
+            _int("finetune.loader_workers", ft.loader_workers, minimum=0, what="a non-negative integer or null")
+        if ft.max_concurrent is not None:
+            _int("finetune.max_concurrent", ft.max_concurrent, minimum=1, what="a positive integer or null")
+        _int("finetune.max_failures", ft.max_failures, minimum=-1, what="an integer ≥ -1 (-1: retry forever)")
+
         pl = self.plan
         _choice("plan.hardware", pl.hardware, PLAN_HARDWARE)
         _int("plan.nodes", pl.nodes, minimum=1, what="a positive integer")
@@ -392,7 +483,7 @@ def _coerce_floats(ftype: str, value: Any) -> Any:
 _SECTIONS = {
     c.__name__: c
     for c in (ModelConfig, FeatureConfig, DataConfig, SolverConfig, ProbeConfig, ReportConfig, RayConfig, StoreConfig,
-              PlanConfig)
+              FinetuneConfig, PlanConfig)
 }
 
 

@@ -76,6 +76,7 @@ class RunResult:
     fingerprint: str
     split_sizes: dict[str, int]
     paths: dict[str, Path] = field(default_factory=dict)
+    trained: dict = field(default_factory=dict)  # method → entk_ray.finetune.BaselineResult
 
 
 def _row(choice: Choice, id_name: str, oods: list[str]) -> dict:
@@ -147,10 +148,12 @@ def plan_only(cfg: Config) -> Plan:
 
 def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
         log: Callable[[str], None] = print, reference_rows: list[dict] | None = None,
-        benchmark: Benchmark | None = None) -> RunResult:
+        classifier_factory=None, benchmark: Benchmark | None = None) -> RunResult:
     """Run the whole method and write the report into ``cfg.store.out_dir``.
 
     ``progress=False`` silences every progress bar and progress line of the run (``--quiet``).
+    ``classifier_factory`` builds the networks of the trained baselines (``cfg.finetune.baselines``;
+    default: the configured backbone, see ``entk_ray.finetune``).
 
     The plan comes first, once the splits' sizes are known and before any feature is computed: it
     is logged, applied to the config (:meth:`~entk_ray.plan.Plan.apply`: Φ's dtype, kernel tiles,
@@ -160,11 +163,12 @@ def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
     are then neither required nor read.
     """
     with progress_enabled(progress):
-        return _run(cfg, backend, progress, log, reference_rows, benchmark)
+        return _run(cfg, backend, progress, log, reference_rows, classifier_factory, benchmark)
 
 
 def _run(cfg: Config, backend: Backend | None, progress: bool, log: Callable[[str], None],
-         reference_rows: list[dict] | None, benchmark: Benchmark | None) -> RunResult:
+         reference_rows: list[dict] | None, classifier_factory=None,
+         benchmark: Benchmark | None = None) -> RunResult:
     from entk_ray.provenance import run_context
 
     cfg.validate(check_paths=benchmark is None)
@@ -252,14 +256,23 @@ def _run(cfg: Config, backend: Backend | None, progress: bool, log: Callable[[st
                           report.bootstrap_resamples, report.bootstrap_seed, tolerance_examples=1)
     timings["intervals_s"] = time.perf_counter() - start
     rows = list(reference_rows or []) + measured
-    timings["total_s"] = time.perf_counter() - t0
 
     from entk_ray.models import weights_fingerprint
 
     weights_fp = weights_fingerprint(cfg.model, cfg.storage_options)
     parts = fingerprint_parts(cfg, benchmark, ks.subset_fingerprint, weights_fp)
     fingerprint = digest(parts)
-    result = RunResult(rows, runs, probe, problem.select_on, timings, fingerprint, sizes)
+    trained = {}
+    if cfg.finetune.baselines:  # fine-tuning, LP-FT, from scratch (entk_ray.finetune)
+        from entk_ray.finetune import run_baselines
+
+        start = time.perf_counter()
+        trained = run_baselines(cfg, benchmark, probe, problem.select_on, fingerprint, log=log,
+                                factory=classifier_factory)
+        timings["finetune_s"] = time.perf_counter() - start
+        rows += [baseline.row() for baseline in trained.values()]
+    timings["total_s"] = time.perf_counter() - t0
+    result = RunResult(rows, runs, probe, problem.select_on, timings, fingerprint, sizes, trained=trained)
     from entk_ray.report import write_results
 
     result.paths = write_results(cfg.store.out_dir, rows, runs, problem.select_on, "id_val", extra={
@@ -269,7 +282,12 @@ def _run(cfg: Config, backend: Backend | None, progress: bool, log: Callable[[st
         "preprocessing": describe_preprocessing(cfg), "search": search,
         "bootstrap": {"resamples": report.bootstrap_resamples, "seed": report.bootstrap_seed,
                       "method": "percentile", "level": 0.95},
-        "probe_sweep": probe.sweep, "config": cfg.to_dict(), "backend": backend.name, **extra})
+        "probe_sweep": probe.sweep, "config": cfg.to_dict(), "backend": backend.name, **extra,
+        **({"trained": {m: r.to_dict() for m, r in trained.items()}} if trained else {})})
+    if trained:
+        from entk_ray.report_training import write_training
+
+        result.paths.update(write_training(cfg.store.out_dir, trained, runs, rows, probe.accuracy))
     return result
 
 

@@ -26,6 +26,7 @@ lazily when they are already loaded or installed.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -97,6 +98,17 @@ PLANNING_RATES: dict[tuple[str, str], Rate] = {
     ("CPU", "decode"): Rate(8, "ms per image per core", f"JPEG decode + resize + crop, {_DOC}", False),
     ("Ray", "sweep_overhead"): Rate(20, "s", "issue 13: the Tune sweep took 18–21 s where one process takes 0.6 s "
                                            "(one Tune run per round, before issue 10's single run)", True),
+    # Trained baselines (entk_ray.finetune): ResNet-50 training steps at 224 px, batch 64.
+    ("H100", "train_fp32"): Rate(1781, "ex/s", "issue 12: forward + backward of ResNet-50 at 224 px, fp32", True),
+    ("H100", "train_bf16"): Rate(2754, "ex/s", "issue 12: the same under bf16 autocast with channels_last", True),
+    ("A100-40G", "train_fp32"): Rate(round(1781 * 1555 / 3350), "ex/s", "H100's × HBM bandwidth ratio 1555/3350 "
+                                     "(a batch-64 step runs at ≈ 7 % of the H100's bf16 peak: memory-bound)", False),
+    ("A100-40G", "train_bf16"): Rate(round(2754 * 1555 / 3350), "ex/s", "H100's × HBM bandwidth ratio 1555/3350",
+                                     False),
+    ("A10G", "train_fp32"): Rate(round(1781 * 600 / 3350), "ex/s", "H100's × HBM bandwidth ratio 600/3350", False),
+    ("A10G", "train_bf16"): Rate(round(2754 * 600 / 3350), "ex/s", "H100's × HBM bandwidth ratio 600/3350", False),
+    ("Ray", "trainer_start"): Rate(25, "s per trial", "issue 12: a trivial TorchTrainer.fit took 21–28 s on the "
+                                   "loaded 2-core development machine (an upper figure)", True),
 }
 #: Reference sizes of the eigh measurements.
 EIGH_REFERENCE_N = {("H100", "float64"): 24576, ("H100", "float32"): 44200, ("CPU", "float64"): 8192}
@@ -1264,6 +1276,161 @@ class _Planner:
 
 
 # ------------------------------------------------------------------------------------------------
+# The trained baselines' learning-rate sweep (entk_ray.finetune, on Ray Train + Tune)
+# ------------------------------------------------------------------------------------------------
+#: ResNet-50: parameters (weights; gradients and SGD momentum are as many again each) and BatchNorm buffers.
+RESNET50_PARAMETERS = 25.56e6
+RESNET50_BUFFERS = 0.05e6
+#: Activations kept for the backward pass per training image at 224 px in fp32 (an estimate: ResNet-50
+#: at batch 256 takes ≈ 26 GB); bf16 autocast keeps most of them in 2 bytes.
+TRAIN_ACTIVATION_BYTES = {"fp32": 100e6, "bf16": 55e6}
+TRAIN_WORKSPACE_BYTES = 1.5 * GB  # CUDA context + cuDNN workspace
+#: An evaluation image (forward only, no activations kept) costs this fraction of a training image.
+EVAL_COST_FRACTION = 1 / 3
+LOADER_PROCESS_BYTES = 0.4 * GB  # one DataLoader process decoding JPEGs
+TRAIN_WORKER_HOST_BYTES = 2 * GB  # one Ray Train worker: torch, the model, pinned batches
+
+
+@dataclass(frozen=True)
+class FinetuneSweepPlan:
+    """Time and memory of the baselines' sweep (every method × learning rate) on some resources.
+
+    Per trial (one ``TorchTrainer`` of ``workers`` GPUs): ``epochs`` passes over
+    ``steps = ⌊n / batch⌋`` global batches (``images = steps · batch`` per epoch) at
+    ``rate = min(GPU rate × workers, decode rate)``, plus ``epochs + 1`` evaluations of the
+    ``e`` evaluation images at ``rate / EVAL_COST_FRACTION``, plus the trainer's start-up. Trials run
+    ``at_once`` side by side (GPUs and CPUs permitting); each method is one Tune run, so the sweep
+    takes ``methods · ⌈lrs / at_once⌉`` waves of one trial's time."""
+
+    resources: Resources
+    gpu_type: str
+    precision: str  # "fp32" or "bf16"
+    methods: int
+    lrs: int
+    epochs: int
+    batch_size: int
+    workers: int  # GPUs per trial
+    cpus_per_worker: float
+    images_per_epoch: int
+    eval_images: int
+    gpu_rate: float  # images/s of the trial's GPUs
+    decode_rate: float  # images/s its CPUs decode (JPEG + crop)
+    at_once: int
+    trial_seconds: float
+    sweep_seconds: float
+    gpu_bytes: float  # per GPU
+    host_bytes: float  # per trial
+    checkpoint_bytes: float
+
+    @property
+    def trials(self) -> int:
+        return self.methods * self.lrs
+
+    @property
+    def rate(self) -> float:
+        return min(self.gpu_rate, self.decode_rate)
+
+    @property
+    def epoch_seconds(self) -> float:
+        return self.images_per_epoch / self.rate
+
+    @property
+    def waves(self) -> int:
+        return self.methods * math.ceil(self.lrs / self.at_once)
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.trials * self.workers * self.trial_seconds / 3600
+
+    @property
+    def store_written_bytes(self) -> float:
+        return self.trials * self.epochs * self.checkpoint_bytes
+
+    @property
+    def store_kept_bytes(self) -> float:
+        return self.trials * self.checkpoint_bytes  # Ray Train keeps one checkpoint per trial
+
+
+def plan_finetune_sweep(cfg: Config, sizes: RunSizes | None = None, resources: Resources | None = None
+                        ) -> FinetuneSweepPlan:
+    """The :class:`FinetuneSweepPlan` of ``cfg.finetune`` (all three baselines when none is listed)
+    for ResNet-50 at 224 px on ``resources`` (default: ``plan.*``), from :data:`PLANNING_RATES`."""
+    ft = cfg.finetune
+    sizes = sizes or sizes_from_config(cfg)
+    resources = resources or resources_from_config(cfg)
+    gpu_type = resources.gpu_type
+    if gpu_type is None:
+        raise PlanError("the fine-tuning sweep is planned for GPU workers; these resources have no GPU")
+    if ft.precision not in ("auto", "fp32", "bf16"):
+        raise PlanError(f"finetune.precision={ft.precision!r} is not fp32, bf16 or auto")
+    precision = "fp32" if ft.precision == "fp32" else "bf16"  # auto: bf16 on CUDA
+    if precision == "bf16" and not ft.channels_last:
+        raise PlanError("the bf16 rate was measured with channels_last; plan with finetune.channels_last=true")
+    node = resources.gpu_nodes[0][0]
+    cpus_per_gpu = node.cpus / node.gpus
+    if ft.cpus_per_worker > cpus_per_gpu:
+        raise PlanError(f"finetune.cpus_per_worker={ft.cpus_per_worker:g} exceeds the {cpus_per_gpu:g} CPUs per GPU "
+                        f"of {node.name}: the GPUs could not all train at once")
+    workers = ft.num_workers
+    if workers > resources.gpus:
+        raise PlanError(f"finetune.num_workers={workers} exceeds the {resources.gpus} GPUs")
+    steps = sizes.n_train // ft.batch_size
+    images = steps * ft.batch_size
+    gpu_rate = rate(gpu_type, f"train_{precision}") * workers
+    decode_cores = max(1, int(ft.cpus_per_worker) - 1) if ft.cpus_per_worker >= 2 else 1  # loader processes
+    decode_rate = workers * decode_cores * 1000 / rate("CPU", "decode")
+    trial_rate = min(gpu_rate, decode_rate)
+    trial_seconds = (ft.epochs * images + (ft.epochs + 1) * sizes.n_eval * EVAL_COST_FRACTION) / trial_rate \
+        + rate("Ray", "trainer_start")
+    at_once = max(1, min(resources.gpus // workers,
+                         int(sum(n.cpus * c for n, c in resources.gpu_nodes) // (ft.cpus_per_worker * workers))))
+    methods = len(ft.baselines) or 3
+    lrs = len(ft.lr_grid)
+    model_bytes = (RESNET50_PARAMETERS + RESNET50_BUFFERS) * 4
+    gpu_bytes = (3 * RESNET50_PARAMETERS * 4 + ft.batch_size / workers * TRAIN_ACTIVATION_BYTES[precision]
+                 + TRAIN_WORKSPACE_BYTES)
+    host_bytes = workers * (TRAIN_WORKER_HOST_BYTES + decode_cores * LOADER_PROCESS_BYTES)
+    plan = FinetuneSweepPlan(resources, gpu_type, precision, methods, lrs, ft.epochs, ft.batch_size, workers,
+                             float(ft.cpus_per_worker), images, sizes.n_eval, gpu_rate, decode_rate, at_once,
+                             trial_seconds, 0.0, gpu_bytes, host_bytes, model_bytes + RESNET50_PARAMETERS * 4)
+    return dataclasses.replace(plan, sweep_seconds=plan.waves * trial_seconds)
+
+
+def finetune_markdown() -> str:
+    """The fine-tuning sweep's table for docs/scaling.md: Kumar et al.'s recipe on full Living-17."""
+    # (preset, nodes, precision, GPUs per trial)
+    cases = [("h100", 1, "bf16", 1), ("h100", 1, "fp32", 1), ("g5.12xlarge", 1, "bf16", 1),
+             ("g5.12xlarge", 2, "bf16", 1), ("p4d.24xlarge", 1, "bf16", 1), ("p4d.24xlarge", 1, "fp32", 1),
+             ("p4d.24xlarge", 2, "bf16", 2)]
+    out = ["| hardware | precision | GPUs per trial | `finetune.cpus_per_worker` | images/s per trial (GPU, decode) | "
+           "one epoch | one trial | trials at once | sweep | GPU-hours | GPU memory per GPU | host memory per trial |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for hw, nodes, precision, workers in cases:
+        node = PRESETS[hw]
+        cfg = living17_config(hardware=hw, nodes=nodes)
+        cfg.finetune.baselines = ["ft", "lpft", "scratch"]
+        cfg.finetune.precision = precision
+        cfg.finetune.num_workers = workers
+        cfg.finetune.cpus_per_worker = node.cpus // node.gpus
+        f = plan_finetune_sweep(cfg)
+        bound = "decode" if f.decode_rate < f.gpu_rate else "GPU"
+        out.append(f"| {f.resources.name} | {precision}{' + channels_last' if precision == 'bf16' else ''} | "
+                   f"{workers}{' (DDP)' if workers > 1 else ''} | "
+                   f"{f.cpus_per_worker:g} | **{_n(f.rate)}** ({_n(f.gpu_rate)}, {_n(f.decode_rate)}; {bound}-bound) | "
+                   f"{_t(f.epoch_seconds)} | {_t(f.trial_seconds)} | {f.at_once} | **{_t(f.sweep_seconds)}** "
+                   f"({f.waves} waves) | {f.gpu_hours:.1f} | {_b(f.gpu_bytes)} | {_b(f.host_bytes)} |")
+    f = plan_finetune_sweep(living17_config(hardware="h100"))
+    out.append("")
+    out.append(f"{f.trials} trials ({f.methods} methods × {f.lrs} learning rates) × {f.epochs} epochs of "
+               f"{_n(f.images_per_epoch)} images (⌊44,200 / {f.batch_size}⌋ batches of {f.batch_size}), "
+               f"{f.epochs + 1} evaluations of {_n(f.eval_images)} images each (⅓ of a training image's cost), "
+               f"plus {_f(rate('Ray', 'trainer_start'))} s of trainer start-up per trial. Store: a checkpoint "
+               f"(weights + BatchNorm buffers + SGD momentum) is {_b(f.checkpoint_bytes)}, written every epoch "
+               f"({_b(f.store_written_bytes)} per sweep) and kept once per trial ({_b(f.store_kept_bytes)}).")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
 # Tables for docs/scaling.md
 # ------------------------------------------------------------------------------------------------
 def living17_config(**plan_fields: Any) -> Config:
@@ -1343,6 +1510,7 @@ def markdown_tables() -> str:
 DOC_REGIONS = {
     "plan-tables": lambda: markdown_tables(),
     "plan-h100": lambda: "```\n" + make_plan(living17_config(hardware="h100")).format() + "\n```",
+    "plan-finetune": lambda: finetune_markdown(),
 }
 
 
@@ -1394,6 +1562,7 @@ if __name__ == "__main__":  # pragma: no cover
 
 __all__ = [
     "LIVING17_FULL", "PLANNING_RATES", "PRESETS", "NodeSpec", "Plan", "PlanError", "Rate", "Resources", "RunSizes",
-    "Stage", "custom_resources", "detect_resources", "local_resources", "make_plan", "markdown_tables", "preset",
+    "FinetuneSweepPlan", "Stage", "custom_resources", "detect_resources", "local_resources", "make_plan", "markdown_tables", "plan_finetune_sweep",
+    "preset",
     "resources_from_config", "resources_from_ray_nodes", "sizes_from_config",
 ]

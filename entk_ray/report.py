@@ -110,6 +110,14 @@ def _num(value: Any) -> str:
     return str(value)
 
 
+#: Hyper-parameter columns of trained baselines (entk_ray.finetune), shown only when a row has them.
+TRAINING_COLUMNS = {"lr": "lr", "epoch": "epoch"}
+
+
+def training_keys(rows: Sequence[dict]) -> list[str]:
+    return [key for key in TRAINING_COLUMNS if any(key in row for row in rows)]
+
+
 def _has_intervals(rows: Sequence[dict]) -> bool:
     return any(row.get("id_ci") or row.get("ood_ci") for row in rows)
 
@@ -126,13 +134,14 @@ def table_columns(rows: Sequence[dict]) -> list[str]:
     oods = ood_names(rows)
     ci = f" {100 * CONFIDENCE:.0f}% CI"
     ood_cols = ["OOD"] if len(oods) <= 1 else [f"OOD {n}" for n in oods]
+    training = [TRAINING_COLUMNS[k] for k in training_keys(rows)]
     if _has_intervals(rows):
         return ["Method", "ID", f"ID{ci}", *[c for col in ood_cols for c in (col, col + ci)],
-                "r", "β", "step", "C", "source"]
-    return ["Method", "ID", *ood_cols, "r", "β", "step", "C", "source"]
+                "r", "β", "step", "C", *training, "source"]
+    return ["Method", "ID", *ood_cols, "r", "β", "step", "C", *training, "source"]
 
 
-def table_cells(row: dict, oods: list[str], intervals: bool = False) -> list[str]:
+def table_cells(row: dict, oods: list[str], intervals: bool = False, training: Sequence[str] = ()) -> list[str]:
     single = len(oods) <= 1
     names = oods or [None]
     ood_cells = []
@@ -142,7 +151,8 @@ def table_cells(row: dict, oods: list[str], intervals: bool = False) -> list[str
             ood_cells.append(_interval(_ood_interval(row, name, single) if name else row.get("ood_acc_ci")))
     id_cells = [_pct(row.get("id_acc"))] + ([_interval(row.get("id_ci"))] if intervals else [])
     return [row["method"], *id_cells, *ood_cells, _num(row.get("r")), _num(row.get("beta")),
-            _num(row.get("step")), _num(row.get("C")), row.get("source", "measured")]
+            _num(row.get("step")), _num(row.get("C")), *(_num(row.get(k)) for k in training),
+            row.get("source", "measured")]
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -150,9 +160,10 @@ def format_table(rows: Sequence[dict]) -> str:
     oods = ood_names(rows)
     header = table_columns(rows)
     intervals = _has_intervals(rows)
+    training = training_keys(rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join(table_cells(row, oods, intervals)) + " |")
+        lines.append("| " + " | ".join(table_cells(row, oods, intervals, training)) + " |")
     return "\n".join(lines)
 
 
@@ -268,8 +279,9 @@ def _write_csv(path: Path, rows: Sequence[dict]) -> None:
         writer = csv.writer(fh)
         ood_header = [h for n in oods for h in (f"ood_acc:{n}", f"ood_ci_low:{n}", f"ood_ci_high:{n}")] \
             or ["ood_acc", "ood_ci_low", "ood_ci_high"]
+        training = training_keys(rows)
         writer.writerow(["method", "id_acc", "id_ci_low", "id_ci_high", *ood_header, "r", "beta", "step", "C",
-                         "converged", "tied", "source"])
+                         "converged", "tied", *training, "source"])
         for row in rows:
             id_ci = row.get("id_ci") or ("", "")
             ood_vals = []
@@ -279,7 +291,7 @@ def _write_csv(path: Path, rows: Sequence[dict]) -> None:
                 ood_vals += ["" if value is None else value, *ci]
             writer.writerow([row["method"], row.get("id_acc", ""), *id_ci, *ood_vals, row.get("r", ""),
                              row.get("beta", ""), row.get("step", ""), row.get("C", ""), row.get("converged", ""),
-                             row.get("tied", ""), row.get("source", "measured")])
+                             row.get("tied", ""), *(row.get(k, "") for k in training), row.get("source", "measured")])
 
 
 def _json_default(value):

@@ -285,6 +285,44 @@ def test_plan_config_is_validated(override, message):
     assert message in str(info.value)
 
 
+# ------------------------------------------------------------------------------------------------
+# The trained baselines' sweep
+# ------------------------------------------------------------------------------------------------
+def sweep_config(hardware, **finetune):
+    cfg = P.living17_config(hardware=hardware)
+    for key, value in finetune.items():
+        setattr(cfg.finetune, key, value)
+    return cfg
+
+
+def test_finetune_sweep_on_one_h100_from_the_measured_rates():
+    f = P.plan_finetune_sweep(sweep_config("h100", precision="fp32", cpus_per_worker=16))
+    assert (f.trials, f.epochs, f.images_per_epoch, f.eval_images) == (21, 20, 690 * 64, 3400)
+    assert f.gpu_rate == 1781 and f.decode_rate == pytest.approx(15 * 1000 / 8)  # 15 loader processes
+    expected = (20 * 44160 + 21 * 3400 / 3) / 1781 + 25
+    assert f.trial_seconds == pytest.approx(expected) and f.sweep_seconds == pytest.approx(21 * expected)
+    bf16 = P.plan_finetune_sweep(sweep_config("h100", cpus_per_worker=16))  # auto: bf16 on a GPU
+    assert bf16.precision == "bf16" and bf16.gpu_rate == 2754
+    assert bf16.rate == bf16.decode_rate < bf16.gpu_rate  # 16 CPUs cannot feed the bf16 rate
+    assert bf16.gpu_bytes < f.gpu_bytes < 16e9 and f.checkpoint_bytes == pytest.approx(205e6, rel=0.01)
+    # one CPU per worker decodes in the training process itself: 125 images/s
+    assert P.plan_finetune_sweep(sweep_config("h100")).rate == pytest.approx(125)
+
+
+def test_finetune_sweep_waves_follow_methods_learning_rates_and_gpus():
+    p4d = P.plan_finetune_sweep(sweep_config("p4d.24xlarge", cpus_per_worker=12))
+    assert (p4d.at_once, p4d.waves, p4d.gpu_type) == (8, 3, "A100-40G")  # one Tune run per method: 7 of 8 GPUs
+    g5 = P.plan_finetune_sweep(sweep_config("g5.12xlarge", cpus_per_worker=12, baselines=["ft"],
+                                            lr_grid=[1e-3, 1e-2]))
+    assert (g5.trials, g5.at_once, g5.waves) == (2, 4, 1)
+    ddp = P.plan_finetune_sweep(sweep_config("p4d.24xlarge", cpus_per_worker=12, num_workers=2))
+    assert ddp.at_once == 4 and ddp.gpu_rate == 2 * p4d.gpu_rate and ddp.gpu_bytes < p4d.gpu_bytes
+    with pytest.raises(P.PlanError, match="no GPU"):
+        P.plan_finetune_sweep(sweep_config("r6i.8xlarge"))
+    with pytest.raises(P.PlanError, match="cpus_per_worker=16 exceeds the 12 CPUs per GPU"):
+        P.plan_finetune_sweep(sweep_config("g5.12xlarge", cpus_per_worker=16))
+
+
 # --------------------------------------------------------------------------------------------
 # The command line and docs/scaling.md
 # --------------------------------------------------------------------------------------------

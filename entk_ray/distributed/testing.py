@@ -13,11 +13,14 @@ from a seeded generator, so a driver and any actor build bitwise-identical copie
 * :func:`tiny_benchmark` — a few classes of noisy prototypes (ID) and shifted, noisier copies (OOD).
 * :class:`CrashOnceFactory` — wraps a factory so the process computing one chosen shard exits
   mid-shard (once per marker file): a real crash for fault-tolerance tests.
+* :class:`TinyClassifierFactory` / :class:`CrashOnceClassifierFactory` — the same for the trained
+  baselines (``entk_ray.finetune``): a tiny classifier, and one whose training process exits once.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ from torch import nn
 from entk_ray.config import FeatureConfig
 from entk_ray.data.base import Benchmark, TensorLabeledDataset
 from entk_ray.featurizer import Featurizer
+from entk_ray.finetune import ClassifierFactory
 
 
 def tiny_model(seed: int = 0, width: int = 4, head_seed: int = 0) -> nn.Module:
@@ -118,3 +122,82 @@ class CrashOnceFactory:
 
     def weights_fingerprint(self) -> str:
         return self.inner.weights_fingerprint()
+
+
+# --------------------------------------------------------------------------------------------
+# trained baselines (entk_ray.finetune)
+
+
+class TinyClassifierFactory(ClassifierFactory):
+    """``ClassifierFactory`` over the tiny CNN: "pretrained" = :func:`tiny_model`'s backbone with
+    ``seed``; random = the same architecture drawn from the trial's seed. ``norm="group"`` uses
+    GroupNorm instead of BatchNorm: per-example statistics, so DDP workers on CPUs (no SyncBatchNorm
+    there) take exactly one worker's steps."""
+
+    def __init__(self, seed: int = 0, width: int = 4, norm: str = "batch"):
+        if norm not in ("batch", "group"):
+            raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
+        self.seed, self.width, self.norm = seed, width, norm
+
+    def _backbone(self, seed: int) -> nn.Module:
+        if self.norm == "batch":
+            return tiny_model(seed, self.width).backbone
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return nn.Sequential(nn.Conv2d(3, self.width, 3, padding=1), nn.GroupNorm(1, self.width), nn.ReLU(),
+                                 nn.Conv2d(self.width, 2 * self.width, 3, stride=2, padding=1),
+                                 nn.GroupNorm(1, 2 * self.width), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def pretrained_backbone(self):
+        return self._backbone(self.seed), 2 * self.width
+
+    def random_backbone(self, seed: int):
+        return self._backbone(10_000 + seed), 2 * self.width
+
+    def fingerprint(self) -> str:
+        return f"tiny-{self.seed}-{self.width}-{self.norm}"
+
+
+class CrashOnceClassifierFactory:
+    """Wraps a classifier factory: the process whose model takes training step ``after_steps + 1``
+    exits (``os._exit``) unless ``marker`` exists; it creates the marker first, so a resumed run
+    trains normally. A real crash of a Ray Train worker, for the resume test.
+
+    Ray Train's controller registers a reported checkpoint when it next polls the workers (every
+    2 s), and a rerun resumes from the last *registered* one. With ``registered_under`` (a local
+    folder holding the trainer's storage) the process first waits, up to ``wait_s``, until Ray
+    Train's checkpoint-manager snapshot appears there, so the epoch a test resumes from is known."""
+
+    SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+    def __init__(self, inner, marker: str | os.PathLike, after_steps: int,
+                 registered_under: str | os.PathLike | None = None, wait_s: float = 60.0):
+        self.inner, self.marker, self.after_steps = inner, str(marker), int(after_steps)
+        self.registered_under = None if registered_under is None else str(registered_under)
+        self.wait_s = float(wait_s)
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+    def _wait_for_registration(self) -> None:
+        if self.registered_under is None:
+            return
+        deadline = time.monotonic() + self.wait_s
+        while time.monotonic() < deadline and not any(Path(self.registered_under).rglob(self.SNAPSHOT)):
+            time.sleep(0.05)
+
+    def __call__(self, method, num_classes, head=None, seed=0):
+        model = self.inner(method, num_classes, head, seed)
+        steps = [0]
+        marker, after = self.marker, self.after_steps
+
+        def count(module, _args):
+            if module.training:
+                steps[0] += 1
+                if steps[0] > after and not os.path.exists(marker):
+                    self._wait_for_registration()
+                    Path(marker).write_text(str(os.getpid()))
+                    os._exit(1)
+
+        model.register_forward_pre_hook(count)
+        return model
