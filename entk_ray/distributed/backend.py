@@ -80,6 +80,8 @@ class RayBackend(Backend):
             fault-injection tests.
         keep_partials: keep per-block / per-shard artifacts after the whole kernels are stored.
         max_restarts, max_task_retries: feature-actor fault tolerance.
+        object_store_bytes: the plan's object-store size for a Ray this backend starts (None:
+            Ray's default).
         init_kwargs: extra ``ray.init`` arguments when this backend starts Ray.
 
     ``stats`` counts what the last run did: ``shards_computed``, ``shards_loaded``,
@@ -91,7 +93,7 @@ class RayBackend(Backend):
 
     def __init__(self, cfg: Config, *, featurizer_factory=None, store: ArtifactStore | bool | None = True,
                  on_event: EventHook | None = None, keep_partials: bool = False, max_restarts: int = 3,
-                 max_task_retries: int = 2, **init_kwargs: Any):
+                 max_task_retries: int = 2, object_store_bytes: float | None = None, **init_kwargs: Any):
         self.cfg = cfg
         self.featurizer_factory = featurizer_factory
         self.store = ArtifactStore.from_config(cfg) if store is True else (store or None)
@@ -101,6 +103,8 @@ class RayBackend(Backend):
         self.namespace: Namespace | None = None
         self.fingerprint: str | None = None
         self.stats: dict[str, Any] = {}
+        if object_store_bytes and cfg.ray.address in (None, "local"):
+            init_kwargs.setdefault("object_store_memory", int(object_store_bytes))
         start = time.perf_counter()
         self._started = init_ray(cfg.ray.address, **init_kwargs)
         self.init_s = time.perf_counter() - start
@@ -223,7 +227,9 @@ class _KernelStage:
                   for name, ds in self.splits.items()}
         self.assembler = KernelAssembler(shards, storage_dtype=self.cfg.features.storage_dtype,
                                          max_in_flight=self.cfg.ray.max_blocks_in_flight,
-                                         block_gpus=self.cfg.ray.block_gpus, namespace=self.ns)
+                                         block_gpus=self.cfg.ray.block_gpus, namespace=self.ns,
+                                         tile_rows=self.cfg.plan.tile_rows,  # the plan's (None: a shard each)
+                                         compute_dtype=self.cfg.plan.kernel_dtype.replace("auto", "float64"))
         self.block_bar = progress_bar(total=self.assembler.total, desc="kernel blocks", unit="block",
                                       enabled=self.progress)
         self.stats["blocks_cached"] = self.assembler.load_cached(self.block_bar)

@@ -32,10 +32,11 @@ import math
 import os
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from entk_ray.distributed import metrics
-from entk_ray.distributed.runtime import cluster_cpus
+from entk_ray.distributed.runtime import cluster_cpus, cluster_gpus
 from entk_ray.solvers import KernelProblem, SolverRun, SolverSettings, telescopic_search
 from entk_ray.storage import filesystem_for, is_remote, join_url
 
@@ -159,17 +160,109 @@ def trial_slots(problem: KernelProblem, settings: SolverSettings, cpu_slots: int
 
 
 # --------------------------------------------------------------------------------------------
+# Trials on GPUs
+# --------------------------------------------------------------------------------------------
+#: Most sweep trials sharing one GPU (spectral trials are small: the spectrum and a round's scores).
+MAX_TRIALS_PER_GPU = 4
+#: Fraction of a GPU's memory a trial layout plans to use (the rest: CUDA context, fragmentation).
+USABLE_GPU_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class SweepLayout:
+    """How the sweep's trials use the cluster: r values per trial, GPUs per trial (0: CPU trials;
+    a fraction when several trials share a GPU), trials at once."""
+
+    rs_per_trial: int
+    gpus_per_trial: float
+    concurrent: int
+
+    def describe(self) -> str:
+        where = f"{self.gpus_per_trial:g} GPU each" if self.gpus_per_trial else "on CPUs"
+        return f"{self.rs_per_trial} r per trial, {self.concurrent} trial(s) at once, {where}"
+
+
+def spectral_trial_bytes(problem: KernelProblem, settings: SolverSettings, rs: int) -> float:
+    """GPU memory of a spectral trial solving ``rs`` r values: the spectrum (Λ, ‖c_i‖², c, K_e U),
+    the recorded coefficients of its r values and one r's scores (weights n × T·C and
+    K_e U · weights), plus a CUDA context."""
+    n, classes = problem.n, problem.targets.shape[1]
+    m = sum(k.shape[0] for k in problem.eval_kernels.values())
+    recorded = math.ceil(settings.max_steps / settings.eval_every) + 1
+    spectrum = 8.0 * (n * (2 + classes) + m * n)
+    work = 8.0 * (rs * recorded * n + recorded * classes * (n + m))
+    return spectrum + work + 1e9
+
+
+def nag_trial_bytes(problem: KernelProblem, rs: int) -> float:
+    """GPU memory of a NAG trial solving ``rs`` r values: K, the K_e, eight (n, rs, C) states."""
+    n, classes = problem.n, problem.targets.shape[1]
+    m = sum(k.shape[0] for k in problem.eval_kernels.values())
+    return 8.0 * (n * n + m * n + 8 * n * rs * classes) + 1e9
+
+
+def sweep_layout(problem: KernelProblem, settings: SolverSettings, *, cpu_slots: int, gpus: float,
+                 gpu_memory: float = 0.0, rs_per_trial: int | None = None) -> SweepLayout:
+    """Trials for ``settings.device``: on CPUs (``cpu``, or ``auto`` on a cluster without GPUs) one r
+    per trial by default and :func:`trial_slots` at once; on GPUs (``cuda``, or ``auto`` with GPUs)
+    a round's r values are split over the GPUs and each trial solves its share as one batch —
+
+    * NAG: one trial per GPU (a whole GPU: each trial holds its own K), ⌈P / GPUs⌉ r each, so K is
+      read once per step for every r of the trial;
+    * spectral: as many trials per GPU as fit ``gpu_memory`` (at most :data:`MAX_TRIALS_PER_GPU`,
+      a fraction of a GPU each), ⌈P / trials⌉ r each;
+
+    P being the largest round's size. ``rs_per_trial`` overrides the batch size."""
+    device = settings.device
+    if device.startswith("cuda") and gpus <= 0:
+        raise ValueError(f"solver.device={device!r} but the Ray cluster has no GPU for the sweep's trials "
+                         "(use solver.device=auto or cpu)")
+    if device == "cpu" or (device == "auto" and gpus <= 0):
+        k = int(rs_per_trial or 1)
+        return SweepLayout(k, 0.0, trial_slots(problem, settings, cpu_slots, k))
+    largest = settings.largest_round
+    per_gpu = 1
+    if settings.method == "spectral" and gpu_memory > 0:
+        share = math.ceil(largest / max(gpus, 1.0))
+        fit = int(USABLE_GPU_FRACTION * gpu_memory // spectral_trial_bytes(problem, settings, share))
+        per_gpu = max(1, min(MAX_TRIALS_PER_GPU, fit, share))
+    slots = max(1, int(gpus * per_gpu))
+    if cpu_slots > 0:
+        slots = min(slots, cpu_slots)
+    k = int(rs_per_trial or math.ceil(largest / min(slots, largest)))
+    return SweepLayout(k, 1.0 / per_gpu, max(1, min(slots, math.ceil(largest / k))))
+
+
+def cluster_gpu_memory() -> float:
+    """Memory of the cluster's GPUs: this process's GPU when it sees one, else the GPU type Ray
+    reports (``accelerator_type``) from the planner's table; 0 when unknown."""
+    from entk_ray.arrays import ArrayNamespace, cuda_available
+
+    if cuda_available():
+        return ArrayNamespace("torch", "cuda").memory_bytes()
+    try:
+        import ray
+
+        from entk_ray.plan import resources_from_ray_nodes
+
+        return float(resources_from_ray_nodes(ray.nodes(), disk_bytes=0.0).gpu_memory)
+    except Exception:  # noqa: BLE001 - unknown memory: one trial per GPU
+        return 0.0
+
+
+# --------------------------------------------------------------------------------------------
 # The sweep
 # --------------------------------------------------------------------------------------------
 def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: float = 1.0,
-               rs_per_trial: int = 1,
+               rs_per_trial: int | None = None,
                on_round: Callable[[int, list[SolverRun]], None] | None = None,
                completed: Mapping[float, SolverRun] | None = None,
                on_result: Callable[[list[SolverRun]], None] | None = None) -> list[SolverRun]:
     """The telescopic β search of ``cfg.solver`` as one Ray Tune run (see the module docstring).
 
-    ``rs_per_trial`` r values are solved per trial (1: one trial, and one folder, per β); every
-    r still gets its own Tune result. ``on_round(index, runs)`` is called on the driver for each
+    ``rs_per_trial`` r values are solved per trial (default: one per trial on CPUs, one trial, and
+    one folder, per β; on GPUs a round's share per trial, see :func:`sweep_layout`); every r still
+    gets its own Tune result. ``on_round(index, runs)`` is called on the driver for each
     round, in order, once the search is done. Returns the runs of :func:`solve_sweep`, equal.
 
     Resuming: ``completed`` holds runs an interrupted sweep already solved (r → run); the search
@@ -188,8 +281,11 @@ def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: 
     )
 
     settings = SolverSettings.from_config(cfg.solver)
+    layout = sweep_layout(problem, settings, cpu_slots=int(cluster_cpus() // trial_cpus), gpus=cluster_gpus(),
+                          gpu_memory=cluster_gpu_memory() if settings.device != "cpu" else 0.0,
+                          rs_per_trial=rs_per_trial)
     batch = PathBatch.for_problem(problem, settings)  # validates the method before any Tune work
-    searcher = TelescopicSearcher(settings, problem.select_on, rs_per_trial)
+    searcher = TelescopicSearcher(settings, problem.select_on, layout.rs_per_trial)
     done = {float(r): run for r, run in (completed or {}).items()}
     searcher.completed.update({r: run.to_dict() for r, run in done.items()})
     receiver_id = uuid.uuid4().hex
@@ -198,11 +294,9 @@ def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: 
         _RESULT_RECEIVERS[receiver_id] = on_result
         callbacks.append(_trial_runs_callback(receiver_id))
     storage_path, storage_filesystem = tune_storage(cfg)
-    concurrent = cfg.ray.tune_max_concurrent
-    if concurrent is None:
-        concurrent = trial_slots(problem, settings, int(cluster_cpus() // trial_cpus), rs_per_trial)
+    concurrent = layout.concurrent if cfg.ray.tune_max_concurrent is None else cfg.ray.tune_max_concurrent
     tuner = tune.Tuner(
-        trainable_for(batch, trial_cpus),
+        trainable_for(batch, trial_cpus, layout.gpus_per_trial),
         tune_config=tune.TuneConfig(
             search_alg=searcher, num_samples=-1, reuse_actors=True, max_concurrent_trials=concurrent,
             trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
@@ -244,7 +338,8 @@ def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: 
     if on_round is not None:
         for round_index in sorted({run.round for run in runs}):
             on_round(round_index, [run for run in runs if run.round == round_index])
-    log.info("sweep %s: %d r values in %d Tune trials, %d at a time", name, len(runs), len(grid), concurrent)
+    log.info("sweep %s: %d r values in %d Tune trials (%s), %d at a time", name, len(runs), len(grid),
+             layout.describe(), concurrent)
     return runs
 
 

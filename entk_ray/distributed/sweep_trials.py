@@ -28,16 +28,20 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray.tune import Trainable
 from ray.tune.search import Searcher
 
+from entk_ray.arrays import NUMPY, ArrayNamespace, cuda_available, namespace_for
 from entk_ray.solvers import (
     KernelProblem,
+    NagSolver,
     SolverRun,
     SolverSettings,
     SpectralSolver,
     Spectrum,
-    nag_solve,
+    batch_caller,
+    extreme_eigenvalues,
     telescopic_search,
 )
 
@@ -54,8 +58,12 @@ class PathBatch:
 
     ``spectral``: the :class:`~entk_ray.solvers.Spectrum` (K and U stay on the driver);
     ``nag``: the whole :class:`~entk_ray.solvers.KernelProblem` with λ_max/λ_min from the driver.
-    Calling it solves each r in turn; a batched solver (all r of a trial in one pass over K)
-    replaces the body of :meth:`__call__` and nothing else.
+    Calling it solves the r values on ``settings.device`` as this process sees it
+    (:func:`entk_ray.arrays.namespace_for`: a trial with a GPU runs torch there when
+    ``device`` is ``cuda`` or ``auto``): on the CPU each r in turn (the results the one-process
+    sweep gives), on a GPU all r of the call as one batch — for NAG one pass over K per step for
+    all of them. The solver (the spectrum, or K and K_e, on its device) is built on the first
+    call and kept, so a reused trial actor moves it to its GPU once.
     """
 
     settings: SolverSettings
@@ -63,26 +71,52 @@ class PathBatch:
     problem: KernelProblem | None = None
     extremes: tuple[float, float] | None = None
 
+    def __post_init__(self) -> None:
+        self._run = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_run"] = None  # device arrays stay in the process that built them
+        return state
+
     @classmethod
     def for_problem(cls, problem: KernelProblem, settings: SolverSettings) -> "PathBatch":
-        """The one-off driver work (the eigh, or λ_max/λ_min) done here, once."""
-        from entk_ray.solvers import extreme_eigenvalues
-
+        """The one-off driver work (the eigh, or λ_max/λ_min) done here, once: on this process's
+        GPU when ``settings.device`` asks for one and it has one; a ``cuda`` eigh without a GPU
+        here runs as a Ray task that has one."""
         if settings.method == "spectral":
-            spectrum, _ = Spectrum.of(problem)  # U stays on the driver
-            return cls(settings, spectrum=spectrum)
+            if settings.device.startswith("cuda") and not cuda_available():
+                spectrum = ray.get(_gpu_spectrum.options(num_gpus=1).remote(problem, settings.device, settings.dtype))
+            else:
+                spectrum, _ = Spectrum.of(problem, namespace_for(settings.device), settings.dtype, vectors=False)
+            return cls(settings, spectrum=spectrum)  # U stays where the eigh ran
         if settings.method == "nag":
-            return cls(settings, problem=problem, extremes=extreme_eigenvalues(problem.kernel))
+            here = namespace_for(settings.device) if settings.device != "cpu" and cuda_available() else NUMPY
+            return cls(settings, problem=problem, extremes=extreme_eigenvalues(problem.kernel, namespace=here))
         raise ValueError(f"solver method must be 'spectral' or 'nag', got {settings.method!r}")
 
+    def namespace(self) -> ArrayNamespace:
+        """Where this process solves: ``settings.device`` as it sees it."""
+        return namespace_for(self.settings.device)
+
     def __call__(self, rs: list[float]) -> list[SolverRun]:
-        s = self.settings
-        if self.spectrum is not None:
-            solver = SpectralSolver(self.spectrum)
-            return [solver.path(r, s.max_steps, s.eval_every, s.tol, s.momentum) for r in rs]
-        lam_max, lam_min = self.extremes
-        return [nag_solve(self.problem, r, s.max_steps, s.eval_every, s.tol, s.momentum,
-                          lam_max=lam_max, lam_min=lam_min) for r in rs]
+        if self._run is None:
+            xp = self.namespace()
+            if self.spectrum is not None:
+                solver = SpectralSolver(self.spectrum, namespace=xp)
+            else:
+                solver = NagSolver(self.problem, xp, *self.extremes)
+            self._run = batch_caller(solver, self.settings, one_at_a_time=xp.is_numpy)
+        return self._run(list(rs))
+
+
+def _spectrum_task(problem: KernelProblem, device: str, dtype: str) -> Spectrum:
+    """The eigh of K on the GPU Ray gave this task (when the driver has none)."""
+    spectrum, _ = Spectrum.of(problem, namespace_for(device), dtype, vectors=False)
+    return spectrum
+
+
+_gpu_spectrum = ray.remote(max_retries=0)(_spectrum_task)
 
 
 def run_summary(run: SolverRun) -> dict[str, Any]:
@@ -142,17 +176,21 @@ def ignore_sigterm() -> bool:
     return True
 
 
-def trainable_for(batch: PathBatch, trial_cpus: float):
+def trainable_for(batch: PathBatch, trial_cpus: float, trial_gpus: float = 0.0):
     """The trial class for ``batch``'s method, named ``entk_sweep_<method>`` (Tune's trial names, the
-    dashboard's actor class), asking for ``trial_cpus`` CPUs, with ``batch`` put in the object
-    store once (``tune.with_parameters``)."""
+    dashboard's actor class), asking for ``trial_cpus`` CPUs and ``trial_gpus`` GPUs (a fraction
+    when several trials share one), with ``batch`` put in the object store once
+    (``tune.with_parameters``)."""
     from ray import tune
     from ray.tune.execution.placement_groups import PlacementGroupFactory
 
     name = TRAINABLE_NAMES[batch.settings.method]
 
     def default_resource_request(cls, config):  # not tune.with_resources: it renames the class
-        return PlacementGroupFactory([{"CPU": float(trial_cpus)}])
+        bundle = {"CPU": float(trial_cpus)}
+        if trial_gpus > 0:
+            bundle["GPU"] = float(trial_gpus)
+        return PlacementGroupFactory([bundle])
 
     named = type(name, (SweepTrial,), {"__module__": __name__, "__qualname__": name,
                                        "default_resource_request": classmethod(default_resource_request)})
