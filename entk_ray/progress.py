@@ -36,6 +36,20 @@ def progress_enabled(enabled: bool) -> Iterator[None]:
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
+class _PlainText:
+    """A text stream that drops ANSI escape codes and passes everything else to the stream it wraps."""
+
+    def __init__(self, wrapped: TextIO):
+        self._wrapped = wrapped
+
+    def write(self, text: str) -> int:
+        self._wrapped.write(_ANSI_ESCAPE.sub("", text) if "\x1b" in text else text)
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, ...
+        return getattr(self._wrapped, name)
+
+
 class StripAnsiFilter(logging.Filter):
     """Removes ANSI escape codes from a record's message (Ray's "View the dashboard at" line
     hard-codes bold green, whatever the stream)."""
@@ -53,6 +67,13 @@ def plain_ray_logs(stream: TextIO | None = None) -> None:
     an explicit setting wins) and the driver's own ``ray`` log records (:class:`StripAnsiFilter`)."""
     if not is_terminal(stream if stream is not None else sys.stderr):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        if stream is None:
+            # Ray colours parts of the worker lines it relays ("[repeated 2x across cluster]")
+            # whatever RAY_COLOR_PREFIX says, writing to whatever sys.stdout / sys.stderr are then.
+            for name in ("stdout", "stderr"):
+                current = getattr(sys, name)
+                if not isinstance(current, _PlainText) and not is_terminal(current):
+                    setattr(sys, name, _PlainText(current))
         for name in ("ray", "ray._private.worker"):  # a filter applies to its own logger's records only
             logger = logging.getLogger(name)
             if not any(isinstance(f, StripAnsiFilter) for f in logger.filters):

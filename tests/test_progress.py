@@ -62,3 +62,19 @@ def test_ray_driver_log_records_lose_their_colour_codes_in_a_log_file():
                                ("\x1b[1m", "\x1b[32m", "http://127.0.0.1:8265", "\x1b[39m", "\x1b[22m"), None)
     assert logger.filter(record)
     assert record.getMessage() == "Started. View the dashboard at http://127.0.0.1:8265 "
+
+
+def test_relayed_ray_lines_lose_their_colour_codes_in_a_log_file(tmp_path):
+    """Ray's "[repeated Nx across cluster]" suffix is coloured whatever RAY_COLOR_PREFIX says."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom entk_ray.progress import plain_ray_logs\nplain_ray_logs()\n"
+              "print('(worker) line\\x1b[32m [repeated 2x across cluster]\\x1b[0m', file=sys.stderr)\n"
+              "print('\\x1b[1mbold\\x1b[22m out')\n")
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, "-c", script], stdout=f, stderr=f, check=True)
+    text = log.read_text()
+    assert "\x1b" not in text
+    assert "(worker) line [repeated 2x across cluster]" in text and "bold out" in text
