@@ -33,6 +33,9 @@ class KernelSet:
     subset_fingerprint: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     p: int = 0  # coordinates in S (min(p, #candidate parameters))
+    # k(x, x) = ‖φ(x)‖² of every evaluation example (for the span analysis, entk_ray.span); empty
+    # when the backend could not provide them (e.g. kernels loaded from an older store)
+    eval_diagonals: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def run_fingerprint(cfg: Config, benchmark: Benchmark, subset_fingerprint: str, weights_fingerprint: str) -> str:
@@ -102,7 +105,9 @@ class LocalBackend(Backend):
         train = kern.train_kernel([phis["train"]])
         evals = {name: kern.cross_kernel([phis[name]], [phis["train"]]) for name in benchmark.eval_sets()}
         timings["kernels_s"] = time.perf_counter() - start
-        return KernelSet(train, evals, embs, featurizer.subset.fingerprint(), timings, featurizer.subset.p)
+        diagonals = {name: kern.row_sq_norms(phis[name]) for name in benchmark.eval_sets()}
+        return KernelSet(train, evals, embs, featurizer.subset.fingerprint(), timings, featurizer.subset.p,
+                         eval_diagonals=diagonals)
 
     def sweep(self, cfg: Config, problem: KernelProblem) -> list[SolverRun]:
         return solve_sweep(problem, SolverSettings.from_config(cfg.solver))

@@ -22,6 +22,8 @@ COMMON_OPTIONS = {
     "--checkpoint-format": ("model.checkpoint_format", str, "auto, torchvision, moco or timm"),
     "--p": ("features.p", int, "number of parameter coordinates in the feature subset S"),
     "--param-seed": ("features.param_seed", int, "seed of the parameter subset S"),
+    "--feature-map": ("features.map", str, "how gradients become features: uniform, head, stratified, norm, "
+                      "last_blocks:K, jl or jl:gaussian (docs/features.md)"),
     "--head-seed": ("model.head_seed", int, "seed of the random scalar head"),
     "--feature-method": ("features.method", str, "auto, hooks (fast per-layer) or func (torch.func vmap)"),
     "--batch-size": ("features.batch_size", int, "examples per feature batch"),
@@ -185,18 +187,42 @@ def config_from_args(args: argparse.Namespace, base: Config, extra: dict | None 
 
 def run_cli(argv: Sequence[str] | None, description: str, base: Config, extra: dict | None = None,
             reference_rows: list[dict] | None = None) -> int:
-    """Parse, validate (before any work), run, print the table and where the files went."""
+    """Parse, validate (before any work), run, print the table and where the files went.
+
+    An expected failure — a bad option or config value (also malformed YAML), or any
+    :class:`entk_ray.errors.UserInputError` raised during the run (checkpoint, images, artifacts,
+    storage) — ends in ``error: <message naming the input and what to do>`` on stderr and exit
+    status 2; ``--debug`` raises it with its traceback instead. Anything else is a bug and keeps
+    its traceback."""
+    import yaml
+
     from entk_ray import pipeline
+    from entk_ray.errors import UserInputError, find_user_error
+    from entk_ray.redaction import redact_text
     from entk_ray.report import format_table
+    from entk_ray.storage import unreachable
 
     parser = build_parser(description, extra, base)
+    parser.add_argument("--debug", action="store_true", help="on an error, show its traceback")
     args = parser.parse_args(argv)
+
+    def fail(message: str) -> None:
+        parser.exit(2, redact_text(f"error: {message}\n"))
+
     try:
         cfg = config_from_args(args, base, extra).validate()
-    except ConfigError as exc:
-        parser.exit(2, f"error: invalid configuration: {exc}\n")
+    except (UserInputError, yaml.YAMLError, TypeError, AttributeError, ValueError) as exc:
+        if args.debug:
+            raise
+        fail(f"invalid configuration: {' '.join(str(exc).split())}")
     start = time.perf_counter()
-    result = pipeline.run(cfg, progress=not args.quiet, reference_rows=reference_rows)
+    try:
+        result = pipeline.run(cfg, progress=not args.quiet, reference_rows=reference_rows)
+    except Exception as exc:
+        expected = find_user_error(exc)
+        if args.debug or (expected is None and not unreachable(exc)):
+            raise
+        fail(str(expected) if expected is not None else f"a storage endpoint did not answer: {exc}")
     print()
     print(format_table(result.rows))
     print()
@@ -234,7 +260,10 @@ def living17_main(argv: Sequence[str] | None = None) -> int:
     base = living17_config()
     # Which benchmark, to decide on the reference rows; no --help here, so run_cli's parser prints it.
     probe = build_parser("", IMAGE_OPTIONS, base, add_help=False).parse_known_args(parser_args)[0]
-    benchmark = probe.benchmark or (Config.from_yaml(probe.config).data.benchmark if probe.config else "living17")
+    try:
+        benchmark = probe.benchmark or (Config.from_yaml(probe.config).data.benchmark if probe.config else "living17")
+    except ConfigError:  # run_cli reports it
+        benchmark = "living17"
     return run_cli(parser_args, LIVING17_DESCRIPTION, base, IMAGE_OPTIONS,
                    reference_rows=LIVING17_REFERENCE if benchmark == "living17" else None)
 

@@ -7,12 +7,18 @@ field and the offending value, e.g. ``features.p must be a positive integer, got
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from entk_ray.errors import UserInputError
+from entk_ray.redaction import redact, redact_override
 
 FEATURE_METHODS = ("auto", "sampled", "hooks", "func")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
@@ -33,7 +39,7 @@ PLAN_SOLVERS = ("auto", "gpu-spectral-float64", "gpu-spectral-float32", "gpu-nag
                 "cpu-nag-float64")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError, ValueError):
     """A configuration value is invalid; the message names the field and the value."""
 
 
@@ -56,6 +62,9 @@ class FeatureConfig:
     p: int = 500_000
     param_seed: int = 0
     include_head: bool = False
+    # How gradients become Φ (entk_ray.feature_maps): uniform (S drawn uniformly; the default),
+    # head, stratified, norm, last_blocks:K, jl (Rademacher projection) or jl:gaussian.
+    map: str = "uniform"
     method: str = "auto"  # auto/sampled: only S's coordinates; hooks: per-layer gradients; func: vmap(grad)
     batch_size: int = 32
     chunk_size: int = 8  # examples per vmap call: bounds memory at chunk × #params floats
@@ -243,8 +252,11 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+        try:
+            with open(path) as fh:
+                data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_one_line(exc)}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
         return cls.from_dict(data)
@@ -256,18 +268,25 @@ class Config:
         """Apply ``section.field=value`` strings; values are parsed as YAML (``1e-3``, ``[1,2]``)."""
         data = self.to_dict()
         for item in overrides or []:
+            shown = redact_override(item)  # what an error may show of it (no credentials)
             if "=" not in item:
-                raise ConfigError(f"override {item!r} must look like section.field=value")
+                raise ConfigError(f"override {shown!r} must look like section.field=value")
             key, raw = item.split("=", 1)
             parts = key.strip().split(".")
             node = data
             for part in parts[:-1]:
                 if not isinstance(node, dict) or part not in node:
-                    raise ConfigError(f"override {item!r}: unknown config field {key!r}")
+                    raise ConfigError(f"override {shown!r}: unknown config field {key!r}")
                 node = node[part]
             if not isinstance(node, dict) or parts[-1] not in node:
-                raise ConfigError(f"override {item!r}: unknown config field {key!r}")
-            node[parts[-1]] = yaml.safe_load(raw)
+                raise ConfigError(f"override {shown!r}: unknown config field {key!r}")
+            try:
+                node[parts[-1]] = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                detail = f"{raw!r} is not a valid YAML value ({_one_line(exc)})" if shown == item else \
+                    "the value is not valid YAML"
+                raise ConfigError(f"override {shown!r}: {detail}; "
+                                  f"quote strings and close brackets, e.g. solver.r_grid=[0.001, 0.1]") from exc
         return Config.from_dict(data)
 
     # ------------------------------------------------------------------ validation
@@ -275,10 +294,9 @@ class Config:
         """Check every field; raise :class:`ConfigError` naming the first bad one. Returns self."""
         from entk_ray.models import BACKBONES
 
+        _check_types(self, "")  # every field against its annotation: types, finite numbers, lists
         m, f, d, s, pr, r = self.model, self.features, self.data, self.solver, self.probe, self.ray
         options = self.storage_options
-        if not isinstance(options, dict):
-            raise ConfigError(f"storage_options must be a mapping, got {options!r}")
         _choice("model.name", m.name, tuple(BACKBONES))
         _choice("model.checkpoint_format", m.checkpoint_format, BACKBONES[m.name].checkpoint_formats)
         _int("model.head_seed", m.head_seed)
@@ -290,6 +308,7 @@ class Config:
         _int("features.p", f.p, minimum=1, what="a positive integer")
         _int("features.param_seed", f.param_seed)
         _choice("features.method", f.method, FEATURE_METHODS)
+        _feature_map("features.map", f.map)
         _int("features.batch_size", f.batch_size, minimum=1, what="a positive integer")
         _int("features.chunk_size", f.chunk_size, minimum=1, what="a positive integer")
         _choice("features.storage_dtype", f.storage_dtype, STORAGE_DTYPES)
@@ -476,6 +495,92 @@ _SECTIONS = {
 }
 
 
+def _check_types(section: Any, prefix: str) -> None:
+    """Check every field of a config dataclass (recursively) against its annotation: ``int``,
+    ``float`` (finite: no NaN or ±inf), ``bool``, ``str``, ``X | None``, ``list[X]`` and
+    ``dict[str, Any]``. A section added later is covered without code here."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        name, value, annotation = f"{prefix}{f.name}", getattr(section, f.name), hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, annotation):
+                raise ConfigError(f"{name} must be a mapping of its fields, got {redact(value)!r}")
+            _check_types(value, f"{name}.")
+            continue
+        mismatch = _type_mismatch(name, value, annotation)
+        if mismatch is not None:
+            where, expected, got = mismatch
+            raise ConfigError(f"{where} must be {expected}, got {redact(got)!r}")
+
+
+def _type_mismatch(name: str, value: Any, annotation: Any) -> tuple[str, str, Any] | None:
+    """None when ``value`` fits ``annotation``, else (the field or element, what it must be, its value)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        found = [_type_mismatch(name, value, a) for a in options]
+        if any(m is None for m in found):
+            return None
+        if len(options) == 1 and found[0][0] != name:  # the list fits, one element does not
+            return found[0]
+        return name, _describe(annotation), value
+    if origin is list:
+        if not isinstance(value, list):
+            return name, _describe(annotation), value
+        for i, item in enumerate(value):
+            mismatch = _type_mismatch(f"{name}[{i}]", item, args[0] if args else Any)
+            if mismatch is not None:
+                return mismatch
+        return None
+    if origin is dict:
+        if not isinstance(value, dict):
+            return name, _describe(annotation), value
+        key_type, value_type = args if args else (Any, Any)
+        for key, item in value.items():
+            mismatch = _type_mismatch(f"{name} key", key, key_type) or \
+                _type_mismatch(f"{name}.{key}", item, value_type)
+            if mismatch is not None:
+                return mismatch
+        return None
+    if annotation is bool:
+        ok = isinstance(value, bool)
+    elif annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif annotation is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif annotation is type(None):
+        ok = value is None
+    elif isinstance(annotation, type):
+        ok = isinstance(value, annotation)
+    else:
+        ok = True  # an annotation this checker does not know: the specific checks below apply
+    return None if ok else (name, _describe(annotation), value)
+
+
+def _describe(annotation: Any) -> str:
+    """``int | None`` → "an integer or null"; ``list[float]`` → "a list of finite numbers"."""
+    names = {bool: ("true or false", "booleans"), int: ("an integer", "integers"),
+             float: ("a finite number", "finite numbers"), str: ("a string", "strings"),
+             type(None): ("null", "nulls")}
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        item = args[0] if args else Any
+        return f"a list of {names[item][1]}" if item in names else "a list"
+    if origin is dict:
+        return "a mapping"
+    return names.get(annotation, (getattr(annotation, "__name__", str(annotation)),))[0]
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def _int(name: str, value: Any, minimum: int | None = None, what: str = "an integer") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
         raise ConfigError(f"{name} must be {what}, got {value!r}")
@@ -484,6 +589,15 @@ def _int(name: str, value: Any, minimum: int | None = None, what: str = "an inte
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _feature_map(name: str, value: Any) -> None:
+    from entk_ray.feature_maps import parse_map_spec
+
+    try:
+        parse_map_spec(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def _default_weights_available(model_name: str) -> None:

@@ -182,6 +182,11 @@ class FeatureComputer(abc.ABC):
     def device(self) -> torch.device:
         return next(iter(self.params.values())).device
 
+    @property
+    def output_dim(self) -> int:
+        """Columns of Φ (p for a subset; a projection's dimension for a projecting computer)."""
+        return self.subset.p
+
     def _math_mode(self):
         """TF32 for CUDA matmuls and convolutions while Φ is computed, if asked (else unchanged)."""
         return tf32_mode(self.tf32 and self.device.type == "cuda")
@@ -194,7 +199,7 @@ class FeatureComputer(abc.ABC):
         """
         x = x.to(self.device, non_blocking=True)
         if out is not None:
-            expected = (x.shape[0], self.subset.p)
+            expected = (x.shape[0], self.output_dim)
             if tuple(out.shape) != expected or out.dtype != torch.float32 or out.device != x.device \
                     or (out.numel() and out.stride(1) != 1):
                 raise ValueError(f"out must be a float32 tensor of shape {expected} on {x.device} with contiguous "
@@ -1082,7 +1087,7 @@ def compute_features(computer: FeatureComputer, dataset, indices: Iterable[int] 
     start = time.perf_counter()
     dtype = STORAGE_DTYPES[storage_dtype]
     rows = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
-    out = torch.empty((len(rows), computer.subset.p), dtype=dtype)
+    out = torch.empty((len(rows), computer.output_dim), dtype=dtype)
     device = computer.device
     direct = device.type == "cpu" and dtype == torch.float32
     stager = _HostStager(out, device, batch_size, cache=computer.__dict__.setdefault("_staging_buffers", {}))

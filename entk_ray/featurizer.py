@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from entk_ray.config import FeatureConfig, ModelConfig
-from entk_ray.features import (FeatureComputer, ParameterSubset, compute_embeddings, compute_features,
-                               make_feature_computer, select_parameters)
+from entk_ray.feature_maps import FeatureMap, map_from_config
+from entk_ray.features import FeatureComputer, ParameterSubset, compute_embeddings, compute_features
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,20 +37,27 @@ class Featurizer:
     Build it from its parts, from a model (:meth:`from_model`: draws S and picks the computer
     the config asks for) or from the config (:meth:`from_config`: also loads the backbone)."""
 
-    def __init__(self, model: nn.Module, subset: ParameterSubset, computer: FeatureComputer,
+    def __init__(self, model: nn.Module, subset: ParameterSubset | FeatureMap, computer: FeatureComputer,
                  feature_cfg: FeatureConfig):
         self.model = model
+        # The feature map (a parameter subset S, or any FeatureMap): its fingerprint() and p key
+        # the artifacts. Kept under the name ``subset`` for the backends that read it.
         self.subset = subset
         self.computer = computer
         self.feature_cfg = feature_cfg
 
     @classmethod
     def from_model(cls, model: nn.Module, feature_cfg: FeatureConfig) -> "Featurizer":
-        """S drawn from ``model``'s parameters (seeded) and the configured feature computer."""
+        """The configured feature map (``features.map``; default: S drawn uniformly from ``model``'s
+        parameters, seeded) and its feature computer."""
         model = model.eval()
-        subset = select_parameters(model, feature_cfg.p, feature_cfg.param_seed, include_head=feature_cfg.include_head)
-        computer = make_feature_computer(model, subset, feature_cfg.method, feature_cfg.chunk_size)
-        return cls(model, subset, computer, feature_cfg)
+        feature_map = map_from_config(model, feature_cfg)
+        computer = feature_map.computer(model, feature_cfg.method, feature_cfg.chunk_size)
+        return cls(model, feature_map, computer, feature_cfg)
+
+    @property
+    def feature_map(self) -> FeatureMap | ParameterSubset:
+        return self.subset
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, feature_cfg: FeatureConfig,

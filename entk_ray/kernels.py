@@ -302,3 +302,12 @@ def cross_kernel(eval_shards: Sequence[torch.Tensor], train_shards: Sequence[tor
         for tile_b, cols in col_tiles:
             place_block(kernel, gram_tile(tile_a, tile_b, compute_dtype, device=device), rows, cols)
     return kernel
+
+
+def row_sq_norms(phi: torch.Tensor | np.ndarray) -> np.ndarray:
+    """k(x, x) = ‖φ(x)‖² per row, summed in float64 (the diagonal of an evaluation set's own kernel)."""
+    t = torch.as_tensor(phi)
+    out = np.empty(t.shape[0], dtype=np.float64)
+    for start in range(0, t.shape[0], 256):  # bounded float64 copies
+        out[start:start + 256] = t[start:start + 256].double().pow(2).sum(1).numpy()
+    return out

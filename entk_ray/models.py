@@ -40,8 +40,9 @@ import torch
 from torch import nn
 
 from entk_ray.config import ConfigError, ModelConfig
+from entk_ray.errors import UserInputError
 from entk_ray.fingerprints import digest_stream, file_digest
-from entk_ray.storage import filesystem_for, is_remote, local_path
+from entk_ray.storage import filesystem_for, is_remote, local_path, storage_errors
 
 # --------------------------------------------------------------------------------------------
 # constants
@@ -58,11 +59,12 @@ RESNET_ARCHS = ("resnet18", "resnet50")
 _MAX_KEYS_IN_MESSAGE = 20
 
 
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: names the missing / unexpected / mismatched keys."""
+class CheckpointError(UserInputError, ValueError):
+    """A checkpoint is unreadable, or does not fit the model: names the file, or the missing /
+    unexpected / mismatched keys."""
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UserInputError, FileNotFoundError):
     """Default weights are not available offline; the message says where to put the file."""
 
 
@@ -425,23 +427,53 @@ def load_checkpoint(path: str, storage_options: Mapping[str, Any] | None = None)
     """``torch.load(..., weights_only=True, map_location='cpu')`` of a local path or remote URL.
 
     Remote files (``s3://...``) are opened with fsspec using ``storage_options`` and read into memory.
-    A checkpoint holding arbitrary pickled objects is refused (re-save its state_dict alone).
+    Raises :class:`CheckpointError` naming the file and telling apart an empty, truncated or
+    non-PyTorch file from a real checkpoint that pickles objects other than tensors (refused:
+    re-save its state_dict alone).
     """
-    try:
-        if is_remote(path):
+    if is_remote(path):
+        with storage_errors(path, dict(storage_options or {}), "read"):
             fs, inner = filesystem_for(path, dict(storage_options or {}))
             with fs.open(inner, "rb") as fh:
-                buffer = io.BytesIO(fh.read())
-            return torch.load(buffer, map_location="cpu", weights_only=True)
+                data = fh.read()
+        source: Any = io.BytesIO(data)
+    else:
         path = local_path(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as fh:
+            data = fh.read()
+        source = io.BytesIO(data)
+    if not data:
+        raise CheckpointError(f"{path}: the checkpoint file is empty (0 bytes); copy or download it again")
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: cannot be loaded with torch.load(weights_only=True) (it pickles objects other than "
-            f"tensors and plain containers); re-save just its state_dict. Details: {exc}"
-        ) from exc
+        if "global" in str(exc).lower():  # a real pickle that names classes weights_only refuses
+            raise CheckpointError(
+                f"{path}: cannot be loaded with torch.load(weights_only=True): it pickles objects other than "
+                f"tensors and plain containers ({_first_line(exc)}); re-save just its state_dict with "
+                f"torch.save(model.state_dict(), path)") from exc
+        raise _not_a_checkpoint(path, data, exc) from exc
+    except (EOFError, RuntimeError, KeyError, ValueError, IndexError, TypeError, AttributeError) as exc:
+        raise _not_a_checkpoint(path, data, exc) from exc
+
+
+def _not_a_checkpoint(path: str, data: bytes, exc: BaseException) -> CheckpointError:
+    """A file torch.load cannot parse: truncated (a zip or pickle cut short) or not a checkpoint."""
+    looks_like = data[:4] == b"PK\x03\x04" or data[:1] == b"\x80"  # torch's zip format, or a legacy pickle
+    what = "is truncated or damaged" if looks_like else "is not a PyTorch checkpoint (or is truncated)"
+    return CheckpointError(f"{path}: the checkpoint file {what} ({len(data)} bytes; torch.load: "
+                           f"{type(exc).__name__}: {_first_line(exc)}); copy or download it again, or point "
+                           f"--weights at a file written by torch.save")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The telling line of a torch.load error (its weights-only unpickler buries it mid-message)."""
+    text = str(exc).strip()
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    return " ".join(text.splitlines()[0].split(". ")[0].split())[:200] if text else type(exc).__name__
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:

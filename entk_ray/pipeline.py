@@ -190,6 +190,7 @@ def _run(cfg: Config, backend: Backend | None, progress: bool, log: Callable[[st
     result = RunResult(rows, runs, probe, problem.select_on, timings, fingerprint, sizes, trained=trained)
     from entk_ray.report import write_results
 
+    span = span_analysis(cfg, problem, ks, early, log)
     result.paths = write_results(cfg.store.out_dir, rows, runs, problem.select_on, "id_val", extra={
         "benchmark": benchmark.name, "context": context, "split_sizes": sizes, "timings": timings,
         "fingerprint": fingerprint, "fingerprint_parts": parts, "weights_fingerprint": weights_fp,
@@ -197,7 +198,7 @@ def _run(cfg: Config, backend: Backend | None, progress: bool, log: Callable[[st
         "preprocessing": describe_preprocessing(cfg), "search": search,
         "bootstrap": {"resamples": report.bootstrap_resamples, "seed": report.bootstrap_seed,
                       "method": "percentile", "level": 0.95},
-        "probe_sweep": probe.sweep, "config": cfg.to_dict(), "backend": backend.name,
+        "probe_sweep": probe.sweep, "config": cfg.to_dict(), "backend": backend.name, "span": span,
         **({"trained": {m: r.to_dict() for m, r in trained.items()}} if trained else {})})
     if trained:
         from entk_ray.report_training import write_training
@@ -227,6 +228,22 @@ def chosen_predictions(problem: KernelProblem, choices: list[Choice], solver_cfg
     settings = SolverSettings.from_config(solver_cfg)
     solver = SpectralSolver.from_problem(problem) if settings.method == "spectral" else None
     return [predictions_at(problem, c.r, c.step, settings, solver=solver) for c in choices]
+
+
+def span_analysis(cfg: Config, problem: KernelProblem, ks: KernelSet, early: Choice,
+                  log: Callable[[str], None] = print) -> dict | None:
+    """The out-of-span analysis and the kernel spectrum (``span.json``, ``span.png``,
+    ``spectrum.png``) for the early-stopping model, when the backend gave ‖φ(x)‖² of the
+    evaluation sets (``entk_ray.span``)."""
+    from entk_ray.span import format_span_line, write_span_analysis
+
+    if not ks.eval_diagonals:
+        log("span analysis skipped: the kernels came without the evaluation features' norms")
+        return None
+    summary = write_span_analysis(cfg.store.out_dir, problem, ks.eval_diagonals, early.r, early.step,
+                                  momentum=cfg.solver.momentum)
+    log(format_span_line(summary))
+    return summary
 
 
 def run_linear_probe(cfg: Config, benchmark: Benchmark, ks: KernelSet, problem: KernelProblem,

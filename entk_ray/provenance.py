@@ -80,8 +80,11 @@ def hardware() -> dict[str, object]:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command as typed, shell-quoted: ``python scripts/run_demo.py --p 1000``."""
-    argv = list(sys.argv if argv is None else argv)
+    """The command as typed, shell-quoted: ``python scripts/run_demo.py --p 1000`` (credentials
+    in ``--set storage_options…`` hidden: :func:`entk_ray.redaction.redact_argv`)."""
+    from entk_ray.redaction import redact_argv
+
+    argv = redact_argv(list(sys.argv if argv is None else argv))
     return shlex.join(["python", *argv]) if argv and argv[0].endswith(".py") else shlex.join(argv)
 
 

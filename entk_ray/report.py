@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from entk_ray.redaction import redact
 from entk_ray.solvers import TIE_BREAK, SolverRun
 
 # Living-17 rows as reported in the research write-up (ID %, OOD %); Kumar et al. for the first three.
@@ -250,7 +251,8 @@ def write_results(out_dir: str | Path, rows: Sequence[dict], runs: Sequence[Solv
     paths = {name: out / name for name in ("results.json", "results.csv", "results.md", "sweep.csv",
                                             "accuracy_vs_step.png", "accuracy_vs_beta.png")}
     points = [p for run in runs for p in run.to_records()]
-    payload = {"rows": list(rows), "select_on": select_on, **(extra or {}), "sweep_points": points}
+    # The run config may carry storage credentials: never written (entk_ray.redaction).
+    payload = redact({"rows": list(rows), "select_on": select_on, **(extra or {}), "sweep_points": points})
     paths["results.json"].write_text(json.dumps(payload, indent=2, default=_json_default))
     _write_csv(paths["results.csv"], rows)
     paths["results.md"].write_text(format_markdown(rows, payload))

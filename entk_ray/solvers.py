@@ -408,6 +408,7 @@ class Spectrum:
                        projected={name: ke @ u for name, ke in problem.eval_kernels.items()},
                        eval_labels=dict(problem.eval_labels), trace=problem.trace, n=problem.n,
                        y_norm=float(np.linalg.norm(problem.targets)), target_offset=problem.target_offset)
+        problem.spectrum = spectrum  # kept for the span analysis (entk_ray.span): no second eigh
         return spectrum, u
 
     @property

@@ -19,14 +19,25 @@ Keys are ``/``-separated relative paths, e.g. ``blocks/train/r0-256_c256-512`` o
 ``kernels/train``. The data file is written first and the sidecar last, so a sidecar is the
 commit marker: :meth:`Namespace.has` is true only for complete artifacts, and a crash mid-write
 leaves at worst an orphaned data file that the next save overwrites. Local writes go to a
-temporary name and are renamed into place; an S3 PUT is atomic per object. Loads check that the
-sidecar's fingerprint, dtype, shape and byte size match, so a file copied into the wrong folder
-or cut short is rejected (:class:`ArtifactError`) instead of silently reused.
+temporary name and are renamed into place; an S3 PUT is atomic per object.
+
+Artifacts are verified, not trusted: every sidecar holds the SHA-256 of the data bytes (of the
+``.npy`` file; of the canonical JSON of ``value`` for JSON artifacts), and every load checks it
+together with the fingerprint, key, dtype, shape and byte size. A flipped byte, an edited JSON
+document, a truncated file or an artifact copied into another fingerprint's folder raises
+:class:`CorruptArtifactError`; an artifact that is not there, or vanishes while it is read
+(another run's :meth:`Namespace.delete`), raises :class:`MissingArtifactError`. The pipeline
+loads through :meth:`Namespace.get_array` / :meth:`Namespace.get_json`, which turn both into
+None — after logging a corrupt artifact's key and deleting it — so the caller recomputes it and
+the run goes on.
+
+Sidecars and JSON artifacts are written through :func:`entk_ray.redaction.redact`: no
+credential reaches the store.
 
 API: ``ArtifactStore(uri, storage_options).namespace(fingerprint)`` gives a :class:`Namespace` with
-``has / keys / meta / save_array / load_array / save_json / load_json / delete``;
-:func:`save_kernels` / :func:`load_kernels` store and find a complete kernel set (K, each K_e and
-the embeddings), for any backend.
+``has / keys / meta / save_array / load_array / get_array / save_json / load_json / get_json /
+delete``; :func:`save_kernels` / :func:`load_kernels` store and find a complete kernel set (K, each
+K_e and the embeddings), for any backend.
 
 The store is plain fsspec (s3fs for ``s3://``; ``storage_options`` as in ``Config.storage_options``,
 e.g. ``{"client_kwargs": {"endpoint_url": ...}, "key": ..., "secret": ...}``) and holds no open
@@ -34,22 +45,39 @@ connections when pickled, so Ray tasks can write to it.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
+import logging
 import posixpath
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from entk_ray.storage import filesystem_for, is_remote
+from entk_ray.errors import UserInputError
+from entk_ray.redaction import redact
+from entk_ray.storage import filesystem_for, is_remote, pipe_file, storage_errors
 
-SIDECAR_VERSION = 1
+log = logging.getLogger(__name__)
+
+#: 2: sidecars hold ``sha256``. Artifacts of version 1 cannot be verified and are recomputed.
+SIDECAR_VERSION = 2
 
 
-class ArtifactError(RuntimeError):
-    """A stored artifact is missing, incomplete or belongs to another fingerprint."""
+class ArtifactError(UserInputError, RuntimeError):
+    """A stored artifact cannot be used: missing, corrupt, or another fingerprint's."""
+
+
+class MissingArtifactError(ArtifactError):
+    """No such artifact (never written, or deleted while it was being read)."""
+
+
+class CorruptArtifactError(ArtifactError):
+    """The artifact's bytes do not match its sidecar (hash, size, dtype, shape, fingerprint)."""
 
 
 def default_store_uri(out_dir: str, artifact_store: str | None) -> str:
@@ -128,107 +156,174 @@ class Namespace:
             raise ValueError(f"artifact key must be a relative path, got {key!r}")
         return posixpath.join(self.store.root, self.fingerprint, key + suffix)
 
+    @contextlib.contextmanager
+    def _io(self, key: str, what: str) -> Iterator[None]:
+        """An unreachable store becomes a StorageError naming the artifact's URL."""
+        with storage_errors(f"{self.uri}/{key.strip('/')}", self.store.storage_options, what):
+            yield
+
     # ------------------------------------------------------------------ queries
     def has(self, key: str) -> bool:
         """True when the artifact is complete (its sidecar, written last, exists)."""
-        return self.store.fs.exists(self._path(key, ".json"))
+        with self._io(key, "look up"):
+            return self.store.fs.exists(self._path(key, ".json"))
 
     def keys(self, prefix: str = "") -> list[str]:
-        """Keys of complete artifacts under ``prefix`` (sorted)."""
+        """Keys of complete artifacts under ``prefix`` (sorted). Files that vanish while the
+        folder is listed (another run deleting) are left out."""
         base = posixpath.join(self.store.root, self.fingerprint)
         fs = self.store.fs
-        if not fs.exists(base):
-            return []
+        with self._io(prefix or ".", "list"):
+            try:
+                paths = fs.find(base) if fs.exists(base) else []
+            except FileNotFoundError:
+                paths = []
         out = []
-        for path in fs.find(base):
+        for path in paths:
             rel = posixpath.relpath(path, base)
             if rel.endswith(".json") and rel.startswith(prefix.strip("/")):
                 out.append(rel[:-len(".json")])
         return sorted(out)
 
     def meta(self, key: str) -> dict[str, Any]:
-        """The sidecar of an artifact (header fields and ``meta``)."""
+        """The sidecar of an artifact (header fields and ``meta``), checked to be this one's."""
+        return self._sidecar(key)[0]
+
+    def _sidecar(self, key: str) -> tuple[dict[str, Any], bytes]:
         try:
-            with self.store.fs.open(self._path(key, ".json"), "rb") as fh:
-                doc = json.loads(fh.read().decode())
+            with self._io(key, "read"):
+                raw = self.store.fs.cat_file(self._path(key, ".json"))
         except FileNotFoundError as exc:
-            raise ArtifactError(f"no artifact {key!r} in {self.uri}") from exc
+            raise MissingArtifactError(f"no artifact {key!r} in {self.uri}") from exc
+        try:
+            doc = json.loads(raw.decode())
+            if not isinstance(doc, dict):
+                raise ValueError(f"a JSON {type(doc).__name__}, not an object")
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise CorruptArtifactError(f"artifact {key!r} in {self.uri}: unreadable sidecar ({exc})") from exc
         if doc.get("fingerprint") != self.fingerprint or doc.get("key") != key.strip("/"):
-            raise ArtifactError(f"artifact {key!r} in {self.uri} belongs to fingerprint "
-                                f"{doc.get('fingerprint')!r} key {doc.get('key')!r}")
-        return doc
+            raise CorruptArtifactError(f"artifact {key!r} in {self.uri} belongs to fingerprint "
+                                       f"{doc.get('fingerprint')!r} key {doc.get('key')!r}")
+        if not doc.get("sha256"):
+            raise CorruptArtifactError(f"artifact {key!r} in {self.uri} has no content hash (written by an "
+                                       f"older entk_ray, sidecar version {doc.get('version')}): it cannot be verified")
+        return doc, raw
 
     # ------------------------------------------------------------------ arrays
     def save_array(self, key: str, array: np.ndarray, meta: dict[str, Any] | None = None) -> None:
-        """Store ``array`` as ``<key>.npy`` and commit it with its sidecar."""
+        """Store ``array`` as ``<key>.npy`` and commit it with its sidecar (holding the data's SHA-256)."""
         array = np.asarray(array)
         if array.dtype == object:
             raise TypeError(f"artifact {key!r}: object arrays cannot be stored")
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
         data = buf.getvalue()
-        self._write(self._path(key, ".npy"), data)
-        self._write(self._path(key, ".json"), self._header(key, meta, kind="array", dtype=array.dtype.str,
-                                                           shape=list(array.shape), nbytes=len(data)))
+        with self._io(key, "write"):
+            self._write(self._path(key, ".npy"), data)
+            self._write(self._path(key, ".json"), self._header(
+                key, meta, kind="array", dtype=array.dtype.str, shape=list(array.shape), nbytes=len(data),
+                sha256=hashlib.sha256(data).hexdigest()))
 
     def load_array(self, key: str, mmap: bool = False) -> np.ndarray:
-        """The stored array, after checking its sidecar (fingerprint, dtype, shape, size)."""
-        doc = self.meta(key)
+        """The stored array, verified against its sidecar (hash, fingerprint, dtype, shape, size).
+
+        Raises :class:`MissingArtifactError` or :class:`CorruptArtifactError`."""
+        doc, _ = self._sidecar(key)
         if doc.get("kind") != "array":
-            raise ArtifactError(f"artifact {key!r} in {self.uri} is not an array")
+            raise CorruptArtifactError(f"artifact {key!r} in {self.uri} is not an array")
         path = self._path(key, ".npy")
         fs = self.store.fs
         try:
-            if mmap and not self.store.is_remote:
-                array = np.load(path, mmap_mode="r", allow_pickle=False)
-                size = fs.size(path)
-            else:
-                with fs.open(path, "rb") as fh:
-                    data = fh.read()
-                size = len(data)
-                array = np.load(io.BytesIO(data), allow_pickle=False)
-        except (FileNotFoundError, ValueError, EOFError) as exc:
-            raise ArtifactError(f"artifact {key!r} in {self.uri} is unreadable: {exc}") from exc
-        if size != doc["nbytes"] or array.dtype.str != doc["dtype"] or list(array.shape) != doc["shape"]:
-            raise ArtifactError(f"artifact {key!r} in {self.uri} does not match its sidecar "
-                                f"({array.dtype.str} {list(array.shape)} {size} B vs {doc['dtype']} "
-                                f"{doc['shape']} {doc['nbytes']} B)")
+            with self._io(key, "read"):
+                if mmap and not self.store.is_remote:
+                    with fs.open(path, "rb") as fh:
+                        sha, size = _sha256_stream(fh)
+                    array = np.load(path, mmap_mode="r", allow_pickle=False)
+                else:
+                    data = fs.cat_file(path)
+                    sha, size = hashlib.sha256(data).hexdigest(), len(data)
+                    if sha == doc["sha256"]:
+                        array = np.load(io.BytesIO(data), allow_pickle=False)
+        except FileNotFoundError as exc:
+            raise MissingArtifactError(f"artifact {key!r} in {self.uri} has no data file (deleted?)") from exc
+        except (ValueError, EOFError, OSError) as exc:
+            raise CorruptArtifactError(f"artifact {key!r} in {self.uri} is unreadable: {exc}") from exc
+        if size != doc.get("nbytes") or sha != doc["sha256"]:
+            raise CorruptArtifactError(f"artifact {key!r} in {self.uri}: its data ({size} B, sha256 {sha[:12]}…) "
+                                       f"do not match its sidecar ({doc.get('nbytes')} B, {doc['sha256'][:12]}…)")
+        if array.dtype.str != doc.get("dtype") or list(array.shape) != doc.get("shape"):
+            raise CorruptArtifactError(f"artifact {key!r} in {self.uri} does not match its sidecar "
+                                       f"({array.dtype.str} {list(array.shape)} vs {doc.get('dtype')} {doc.get('shape')})")
         return array
+
+    def get_array(self, key: str, mmap: bool = False) -> np.ndarray | None:
+        """:meth:`load_array`, or None when the artifact is missing or corrupt (see :meth:`_recover`)."""
+        try:
+            return self.load_array(key, mmap=mmap)
+        except ArtifactError as exc:
+            return self._recover(key, exc)
 
     # ------------------------------------------------------------------ JSON documents
     def save_json(self, key: str, value: Any, meta: dict[str, Any] | None = None) -> None:
         """Store a JSON-serializable value (sweep results, manifests) as ``<key>.json``."""
-        doc = json.loads(self._header(key, meta, kind="json"))
+        value = redact(value)
+        doc = json.loads(self._header(key, meta, kind="json", sha256=_json_sha256(value)))
         doc["value"] = value
-        self._write(self._path(key, ".json"), json.dumps(doc, sort_keys=True).encode())
+        with self._io(key, "write"):
+            self._write(self._path(key, ".json"), json.dumps(doc, sort_keys=True).encode())
 
     def load_json(self, key: str) -> Any:
-        doc = self.meta(key)
-        if doc.get("kind") != "json":
-            raise ArtifactError(f"artifact {key!r} in {self.uri} is not a JSON document")
+        """The stored value, verified against the hash in its document. Raises like :meth:`load_array`."""
+        doc, _ = self._sidecar(key)
+        if doc.get("kind") != "json" or "value" not in doc:
+            raise CorruptArtifactError(f"artifact {key!r} in {self.uri} is not a JSON document")
+        if _json_sha256(doc["value"]) != doc["sha256"]:
+            raise CorruptArtifactError(f"artifact {key!r} in {self.uri}: its value does not match its sha256 "
+                                       f"(edited after it was written?)")
         return doc["value"]
+
+    def get_json(self, key: str) -> Any | None:
+        """:meth:`load_json`, or None when the artifact is missing or corrupt (see :meth:`_recover`)."""
+        try:
+            return self.load_json(key)
+        except ArtifactError as exc:
+            return self._recover(key, exc)
+
+    def _recover(self, key: str, exc: ArtifactError) -> None:
+        """A missing artifact is simply absent; a corrupt one is logged with its key and deleted,
+        so the caller recomputes it and the next save replaces it."""
+        if isinstance(exc, CorruptArtifactError):
+            log.warning("discarding artifact %r of %s and recomputing it: %s", key, self.uri, exc)
+            self.delete_key(key)
+        return None
 
     # ------------------------------------------------------------------ housekeeping
     def delete(self, prefix: str) -> int:
         """Remove every artifact whose key starts with ``prefix`` (sidecars first). Returns a count."""
         keys = self.keys(prefix)
-        fs = self.store.fs
         for key in keys:
-            fs.rm(self._path(key, ".json"))
-            data = self._path(key, ".npy")
-            if fs.exists(data):
-                fs.rm(data)
+            self.delete_key(key)
         return len(keys)
+
+    def delete_key(self, key: str) -> None:
+        """Remove one artifact (its sidecar first); what is already gone is not an error."""
+        fs = self.store.fs
+        with self._io(key, "delete"):
+            for suffix in (".json", ".npy"):
+                path = self._path(key, suffix)
+                with contextlib.suppress(FileNotFoundError):
+                    if fs.exists(path):
+                        fs.rm(path)
 
     def _header(self, key: str, meta: dict[str, Any] | None, **fields) -> bytes:
         doc = {"version": SIDECAR_VERSION, "fingerprint": self.fingerprint, "key": key.strip("/"),
-               "created": time.time(), "meta": meta or {}, **fields}
+               "created": time.time(), "meta": redact(meta or {}), **fields}
         return json.dumps(doc, sort_keys=True).encode()
 
     def _write(self, path: str, data: bytes) -> None:
         fs = self.store.fs
         if self.store.is_remote:
-            fs.pipe_file(path, data)  # one PUT: atomic
+            pipe_file(fs, path, data, self.store.storage_options)  # one PUT: atomic
             return
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -238,6 +333,19 @@ class Namespace:
 
     def __repr__(self) -> str:
         return f"Namespace({self.uri!r})"
+
+
+def _json_sha256(value: Any) -> str:
+    """SHA-256 of the canonical JSON of ``value`` (sorted keys), as stored and as read back."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256_stream(fh, block: int = 1 << 22) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    for chunk in iter(lambda: fh.read(block), b""):
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,16 +368,19 @@ def save_kernels(ns: Namespace, train: np.ndarray, evals: dict[str, np.ndarray],
 
 
 def load_kernels(ns: Namespace, sizes: dict[str, int], eval_names: list[str]):
-    """``(K, {name: K_e}, {split: embeddings})`` when all of them are stored with the shapes the
-    split ``sizes`` imply (``sizes`` has ``"train"`` and every evaluation set), else None."""
+    """``(K, {name: K_e}, {split: embeddings})`` when all of them are stored, verified, with the
+    shapes the split ``sizes`` imply (``sizes`` has ``"train"`` and every evaluation set), else
+    None (a corrupt one is logged and discarded: see :meth:`Namespace.get_array`)."""
     keys = ["kernels/train", *(f"kernels/{safe_name(e)}" for e in eval_names),
             *(f"embeddings/{safe_name(s)}" for s in sizes)]
     if not all(ns.has(k) for k in keys):
         return None
     n = sizes["train"]
-    train = ns.load_array("kernels/train")
-    evals = {e: ns.load_array(f"kernels/{safe_name(e)}") for e in eval_names}
-    embeddings = {s: ns.load_array(f"embeddings/{safe_name(s)}") for s in sizes}
+    train = ns.get_array("kernels/train")
+    evals = {e: ns.get_array(f"kernels/{safe_name(e)}") for e in eval_names}
+    embeddings = {s: ns.get_array(f"embeddings/{safe_name(s)}") for s in sizes}
+    if train is None or any(v is None for v in (*evals.values(), *embeddings.values())):
+        return None
     if train.shape != (n, n) or any(evals[e].shape != (sizes[e], n) for e in eval_names) \
             or any(embeddings[s].shape[0] != sizes[s] for s in sizes):
         return None

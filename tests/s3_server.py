@@ -150,3 +150,102 @@ class MotoS3Server:
             raise ValueError(f"S3 bucket names need at least 3 characters, got {name!r}")
         self.filesystem().mkdir(name)
         return f"s3://{name}"
+
+
+class PausableProxy:
+    """A TCP proxy on 127.0.0.1 in front of ``target`` (host, port) that can stop answering.
+
+    While it forwards, clients see the target. :meth:`pause` makes it a server that accepts
+    connections but never answers (requests are held, nothing comes back), as a hung or
+    partitioned endpoint does; :meth:`resume` forwards again (connections from before are dropped,
+    so no request held during the pause reaches the target late). With ``target=None`` it is
+    paused for good: an endpoint that never answers.
+    """
+
+    def __init__(self, target: tuple[str, int] | None = None):
+        import threading
+
+        self.target = target
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(128)
+        self.port = self._listener.getsockname()[1]
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self._forwarding = threading.Event()
+        if target is not None:
+            self._forwarding.set()
+        self._generation = 0
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def pause(self) -> None:
+        self._generation += 1
+        self._forwarding.clear()
+
+    def resume(self) -> None:
+        if self.target is None:
+            raise RuntimeError("a proxy without a target never answers")
+        self._generation += 1
+        self._forwarding.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._forwarding.set()
+        for sock in [self._listener, *self._sockets]:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> "PausableProxy":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self._sockets.append(client)
+            threading.Thread(target=self._serve, args=(client, self._generation), daemon=True).start()
+
+    def _serve(self, client: socket.socket, generation: int) -> None:
+        import threading
+
+        self._forwarding.wait()  # paused: hold the connection, answer nothing
+        if self._closed or generation != self._generation or self.target is None:
+            client.close()
+            return
+        try:
+            upstream = socket.create_connection(self.target)
+        except OSError:
+            client.close()
+            return
+        self._sockets.append(upstream)
+        for src, dst in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(src, dst, generation), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, generation: int) -> None:
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                self._forwarding.wait()
+                if self._closed or generation != self._generation:
+                    break  # paused meanwhile: this connection is dead to its client
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.close()
+            except OSError:
+                pass

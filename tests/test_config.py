@@ -58,6 +58,66 @@ def test_demo_cli_rejects_bad_values_before_work(capsys):
     assert "features.p must be a positive integer, got 0" in capsys.readouterr().err
 
 
+# --------------------------------------------------------------------------------------------
+# issue 9: every number finite and of its type, every list a list (one generic pass)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override,message", [
+    ("solver.r_grid=[.inf]", "solver.r_grid[0] must be a finite number, got inf"),
+    ("solver.r_grid=[1e-3, .nan]", "solver.r_grid[1] must be a finite number, got nan"),
+    ("solver.tol=true", "solver.tol must be a finite number, got True"),
+    ("solver.tol=.inf", "solver.tol must be a finite number, got inf"),
+    ("solver.holdout_fraction=abc", "solver.holdout_fraction must be a finite number, got 'abc'"),
+    ("features.device=3", "features.device must be a string, got 3"),
+    ("solver.r_grid=1e-3", "solver.r_grid must be a list of finite numbers, got '1e-3'"),
+    ("probe.c_grid=1.0", "probe.c_grid must be a list of finite numbers, got 1.0"),
+    ("data.ood_dirs=foo", "data.ood_dirs must be a list of strings, got 'foo'"),
+    ("data.n_train=1.5", "data.n_train must be an integer or null, got 1.5"),
+    ("ray.num_workers=two", "ray.num_workers must be an integer or null, got 'two'"),
+    ("ray.gpus_per_worker=.nan", "ray.gpus_per_worker must be a finite number, got nan"),
+    ("features.include_head=2", "features.include_head must be true or false, got 2"),
+    ("model.weights=[a, b]", "model.weights must be a string or null, got ['a', 'b']"),
+    ("storage_options=3", "storage_options must be a mapping, got 3"),
+])
+def test_mistyped_and_non_finite_values_are_rejected(override, message):
+    with pytest.raises(ConfigError) as info:
+        Config().with_overrides([override]).validate(check_paths=False)
+    assert message in str(info.value)
+
+
+def test_fields_added_later_are_type_checked(monkeypatch):
+    """The check reads the dataclass annotations: a new field needs no validation code of its own."""
+    import dataclasses
+
+    from entk_ray import config as config_module
+
+    @dataclasses.dataclass
+    class Extra:
+        rate: float = 1.0
+        names: list[str] = dataclasses.field(default_factory=list)
+
+    cfg = Config()
+    assert config_module._type_mismatch("x.rate", float("inf"), float) == ("x.rate", "a finite number", float("inf"))
+    config_module._check_types(Extra(), "x.")
+    with pytest.raises(ConfigError, match=r"x.names\[1\] must be a string, got 2"):
+        config_module._check_types(Extra(names=["a", 2]), "x.")
+    cfg.validate(check_paths=False)
+
+
+def test_malformed_yaml_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"solver.r_grid=\[1e-3,.*not a valid YAML value"):
+        Config().with_overrides(["solver.r_grid=[1e-3,"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("solver:\n  r_grid: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*not valid YAML"):
+        Config.from_yaml(bad)
+
+
+def test_credentials_never_appear_in_config_errors():
+    with pytest.raises(ConfigError) as info:
+        Config().with_overrides(["storage_options=[{key: AKIAFAKEKEY, secret: s3cr3tvalue}]"]).validate()
+    assert "AKIAFAKEKEY" not in str(info.value) and "s3cr3tvalue" not in str(info.value)
+
+
 def help_text(main, capsys, args=("--help",)):
     with pytest.raises(SystemExit) as info:
         main(list(args))

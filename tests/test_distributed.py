@@ -178,6 +178,13 @@ def test_store_reuse_partial_and_changed_fingerprint(ray_local, tmp_path):
     again = backend.kernels(cfg, benchmark, progress=False)
     assert backend.stats["reused"] and backend.stats["shards_computed"] == 0
     assert np.array_equal(again.train, first.train) and np.array_equal(again.evals["id_val"], first.evals["id_val"])
+    # ‖φ(x)‖² of the evaluation sets (span analysis): computed by row-norm tasks, stored, reloaded
+    assert set(first.eval_diagonals) == set(benchmark.eval_sets())
+    phi = reference(factory, benchmark)[0]
+    for name in benchmark.eval_sets():
+        np.testing.assert_allclose(first.eval_diagonals[name], (phi[name].double() ** 2).sum(1).numpy(),
+                                   rtol=1e-6)  # the same Φ in another process: round-off at most
+        assert np.array_equal(again.eval_diagonals[name], first.eval_diagonals[name])
 
     # A crash after some blocks: only the missing blocks, and only their shards, are computed.
     for key in ("kernels/train", "blocks/train/r32-64_c32-64", "shards/train/r32-64/embeddings"):
@@ -187,6 +194,7 @@ def test_store_reuse_partial_and_changed_fingerprint(ray_local, tmp_path):
     assert backend.stats["blocks_cached"] == 6 and backend.stats["blocks_computed"] == 1
     assert backend.stats["shards_computed"] == 1
     assert_same_kernel(resumed.train, first.train)  # one block recomputed in another process
+    assert set(resumed.eval_diagonals) == set(benchmark.eval_sets())  # eval shards not recomputed: from the store
     np.testing.assert_allclose(resumed.embeddings[TRAIN], first.embeddings[TRAIN], rtol=1e-5, atol=1e-6)
 
     # Another parameter subset S: another fingerprint, nothing reused, another K.
@@ -276,6 +284,12 @@ def test_pipeline_run_on_ray_matches_local(ray_local, tmp_path):
         assert got["ood_acc"] == pytest.approx(want["ood_acc"], abs=1e-12)
     assert (tmp_path / "ray" / "results.json").is_file()
     assert ray.is_initialized()
+    import json  # the span analysis comes with both runs and agrees (K from shards: round-off)
+    spans = [json.loads((tmp_path / name / "results.json").read_text())["span"] for name in ("ray", "local")]
+    for name in spans[1]["analysis"]["sets"]:
+        got, want = (s["analysis"]["sets"][name]["mean"] for s in spans)
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-9)
+    assert (tmp_path / "ray" / "span.png").is_file() and (tmp_path / "ray" / "spectrum.png").is_file()
 
 
 # --------------------------------------------------------------------------------------------

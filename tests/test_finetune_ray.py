@@ -57,6 +57,11 @@ def test_two_ddp_workers_take_the_steps_of_one_worker_checkpointing_to_s3(ray_lo
     s3.make_bucket("ft-bucket")
     storage = trainer_storage("s3://ft-bucket/run/finetune", s3.storage_options)
     assert storage[0] == "ft-bucket/run/finetune" and storage[1] is not None
+    import pickle
+
+    from s3_server import DUMMY_KEY
+
+    assert DUMMY_KEY.encode() not in pickle.dumps(storage[1])  # Ray Train writes its pickle next to the results
     two = fit_trial(ray.put(inputs), "ft", 0.5, settings, TrialScaling(num_workers=2, cpus_per_worker=1.0),
                     storage, "lr-0.5")
     assert_same_history(two.history, one)  # read back from the checkpoint in S3

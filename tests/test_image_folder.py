@@ -272,3 +272,65 @@ def test_image_folder_benchmark_on_s3(folders, s3, tmp_path):
     image, label = pickle.loads(pickle.dumps(benchmark.train))[3]
     assert torch.equal(image, local.train[3][0]) and label == local.train.labels[3]
     assert list(tmp_path.glob("image-scan-*-header.parquet"))
+
+
+# --------------------------------------------------------------------------- issue 9: late failures, stale caches
+def test_scan_cache_rescans_a_file_changed_after_a_clean_scan(tmp_path):
+    """The cache is keyed by path plus size and modification time: a file damaged after a clean
+    scan is read again (a truncation changes the size; a same-size overwrite the mtime)."""
+    import os
+
+    root = tmp_path / "train"
+    write_split(root, 3)
+    paths = sorted(str(p) for p in root.glob("*/*") if image_files.has_image_extension(str(p)))
+    cache = str(tmp_path / "scan.parquet")
+    assert scan_images(paths, check="decode", cache_file=cache) == []
+    truncated, overwritten = root / "cat" / "cat_0.jpg", root / "dog" / "dog_1.png"
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    size, mtime = overwritten.stat().st_size, overwritten.stat().st_mtime
+    overwritten.write_bytes(b"\x89PNG not really".ljust(size, b"\0"))
+    os.utime(overwritten, (mtime + 5, mtime + 5))
+    assert overwritten.stat().st_size == size
+    assert sorted(p for p, _ in scan_images(paths, check="decode", cache_file=cache)) == \
+        sorted([str(truncated), str(overwritten)])
+
+
+def test_empty_class_folder_is_warned_about(folders, tmp_path):
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(folders["train"], train)
+    (train / "zebra").mkdir()  # an empty class folder
+    (train / "yak").mkdir()
+    (train / "yak" / "notes.txt").write_text("no images here")
+    cfg = folder_config(folders, id_train_dir=str(train))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        benchmark = build_image_folder_benchmark(cfg, TINY, verbose=False)
+    messages = [str(w.message) for w in caught]
+    assert any("zebra" in m and "yak" in m and "hold no images" in m and "id_train_dir" in m for m in messages), messages
+    assert benchmark.class_names == ["cat", "dog", "fish"]
+
+
+def test_truncated_jpeg_fails_in_the_feature_actor_once_not_retried(ray_local, tmp_path, damaged):
+    """A JPEG cut after its header passes the header check, then fails to decode inside a feature
+    actor: a CorruptImagesError naming the file and the options, after one attempt."""
+    from entk_ray.config import Config
+    from entk_ray.distributed import RayBackend
+    from entk_ray.distributed.testing import TinyFeaturizerFactory
+
+    damaged["garbage"].unlink()  # only the late failure is left: the header check passes
+    root = damaged["root"]
+    data = folder_config({"train": root, "val": root, "sketch": root, "photos": root}, ood_dirs=[str(root)])
+    benchmark = build_quietly(data, corrupt_check="header")
+    assert str(damaged["truncated"]) in benchmark.train.paths
+    cfg = Config()
+    cfg.features.p, cfg.features.batch_size, cfg.ray.shard_size = 100, 4, 4
+    cfg.store.out_dir = str(tmp_path / "out")
+    backend = RayBackend(cfg, featurizer_factory=TinyFeaturizerFactory(cfg.features), store=None)
+    with pytest.raises(CorruptImagesError) as info:
+        backend.kernels(cfg, benchmark, progress=False)
+    message = str(info.value)
+    assert message.startswith(f"cannot read image {damaged['truncated']}")  # its own line, not Ray's traceback
+    assert "--corrupt-check decode" in message and "--corrupt-policy skip" in message
+    assert backend.stats["shard_failures"] == 1  # the failed shard was not requeued

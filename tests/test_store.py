@@ -159,3 +159,135 @@ def test_ray_backend_reuses_s3_artifacts(ray_local, s3, tmp_path):
     assert np.array_equal(second.train, first.train)
     assert np.array_equal(second.evals["ood:shifted"], first.evals["ood:shifted"])
     assert np.array_equal(second.embeddings["id_val"], first.embeddings["id_val"])
+
+
+# --------------------------------------------------------------------------------------------
+# Verified artifacts: a content hash in every sidecar, checked on load
+# --------------------------------------------------------------------------------------------
+def _flip_byte(path, offset: int = -9) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_sidecars_hold_a_content_hash(tmp_path):
+    import hashlib
+    import json
+
+    ns = ArtifactStore(str(tmp_path)).namespace("fp")
+    ns.save_array("k", np.arange(10.0))
+    ns.save_json("doc", {"a": [1, 2]})
+    sidecar = json.loads((tmp_path / "fp" / "k.json").read_text())
+    assert sidecar["sha256"] == hashlib.sha256((tmp_path / "fp" / "k.npy").read_bytes()).hexdigest()
+    assert len(json.loads((tmp_path / "fp" / "doc.json").read_text())["sha256"]) == 64
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "truncate_sidecar", "empty", "edit_sidecar", "unhashed"])
+def test_damaged_array_is_detected_logged_and_discarded(tmp_path, caplog, damage):
+    import json
+
+    from entk_ray.store import CorruptArtifactError
+
+    ns = ArtifactStore(str(tmp_path)).namespace("fp")
+    ns.save_array("kernels/train", np.arange(64.0).reshape(8, 8))
+    data, sidecar = tmp_path / "fp" / "kernels" / "train.npy", tmp_path / "fp" / "kernels" / "train.json"
+    if damage == "flip":  # one bit of one value: same size, same header
+        _flip_byte(data)
+    elif damage == "truncate":
+        data.write_bytes(data.read_bytes()[:-80])
+    elif damage == "truncate_sidecar":
+        sidecar.write_bytes(sidecar.read_bytes()[:40])
+    elif damage == "empty":
+        data.write_bytes(b"")
+    elif damage == "edit_sidecar":  # a hand-edited shape
+        doc = json.loads(sidecar.read_text())
+        doc["shape"] = [4, 16]
+        sidecar.write_text(json.dumps(doc))
+    elif damage == "unhashed":  # written by an older version: cannot be verified
+        doc = json.loads(sidecar.read_text())
+        del doc["sha256"]
+        sidecar.write_text(json.dumps(doc))
+    with pytest.raises(CorruptArtifactError):
+        ns.load_array("kernels/train")
+    with caplog.at_level("WARNING", logger="entk_ray.store"):
+        assert ns.get_array("kernels/train") is None
+    assert "'kernels/train'" in caplog.text  # the warning names the key
+    assert not ns.has("kernels/train") and not data.exists()  # discarded: the next save replaces it
+
+
+def test_edited_json_artifact_is_detected(tmp_path, caplog):
+    import json
+
+    ns = ArtifactStore(str(tmp_path)).namespace("fp")
+    ns.save_json("sweeps/abc", [{"r": 0.1, "accuracy": {"id_val": [0.5, 0.6]}}])
+    path = tmp_path / "fp" / "sweeps" / "abc.json"
+    doc = json.loads(path.read_text())
+    doc["value"][0]["accuracy"]["id_val"] = [0.99, 0.99]  # a better-looking result
+    path.write_text(json.dumps(doc))
+    with caplog.at_level("WARNING", logger="entk_ray.store"):
+        assert ns.get_json("sweeps/abc") is None
+    assert "'sweeps/abc'" in caplog.text and not ns.has("sweeps/abc")
+
+
+def test_load_kernels_recovers_from_a_corrupt_kernel(tmp_path):
+    ns = ArtifactStore(str(tmp_path)).namespace("k")
+    sizes = {"train": 4, "id_val": 3}
+    save_kernels(ns, np.eye(4), {"id_val": np.ones((3, 4))},
+                 {"train": np.zeros((4, 2), np.float32), "id_val": np.zeros((3, 2), np.float32)})
+    _flip_byte(tmp_path / "k" / "kernels" / "train.npy")
+    assert load_kernels(ns, sizes, ["id_val"]) is None  # recompute, do not crash
+    assert not ns.has("kernels/train") and ns.has("kernels/id_val")
+
+
+def test_delete_racing_list_then_load_is_missing_not_a_crash(tmp_path, caplog):
+    """Another run deletes artifacts between this run's listing and its loads."""
+    import threading
+
+    store = ArtifactStore(str(tmp_path))
+    ns = store.namespace("fp")
+    for i in range(4):
+        ns.save_array(f"blocks/train/b{i}", np.full((3, 3), float(i)))
+    other = ArtifactStore(str(tmp_path)).namespace("fp")  # the other run: its own filesystem handle
+
+    # Deterministic: the data file vanishes after the sidecar was read.
+    keys = ns.keys("blocks/")
+    real_cat = store.fs.cat_file
+
+    def cat_then_vanish(path, *args, **kwargs):
+        if path.endswith("b0.npy"):
+            other.delete("blocks/train/b0")
+        return real_cat(path, *args, **kwargs)
+
+    store.fs.cat_file = cat_then_vanish
+    try:
+        with caplog.at_level("WARNING", logger="entk_ray.store"):
+            loaded = {k: ns.get_array(k) for k in keys}
+    finally:
+        store.fs.cat_file = real_cat
+    assert loaded["blocks/train/b0"] is None and loaded["blocks/train/b1"] is not None
+    assert "discarding" not in caplog.text  # missing, not corrupt
+    assert other.delete("blocks/train/b0") == 0  # deleting what is gone is no error
+
+    # Concurrent: one thread keeps saving and deleting while another lists and loads.
+    errors, stop = [], threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            for i in range(4):
+                other.save_array(f"blocks/train/b{i}", np.full((3, 3), float(i)))
+            other.delete("blocks/")
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for _ in range(200):
+            for key in ns.keys("blocks/"):
+                value = ns.get_array(key)
+                if value is not None and value[0, 0] != float(key[-1]):
+                    errors.append(f"{key}: {value[0, 0]}")
+    except Exception as exc:  # noqa: BLE001 - any exception is the failure under test
+        errors.append(repr(exc))
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors

@@ -211,7 +211,11 @@ def test_tune_storage_is_the_run_folder_or_the_remote_artifact_store(tmp_path):
 
     cfg.store.artifact_store = "s3://bucket/prefix/"
     cfg.storage_options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}}
+    import ray
+
+    was_initialized = ray.is_initialized()
     path, fs = tune_storage(cfg)
+    assert ray.is_initialized() == was_initialized  # no Ray started (or joined) to hold the options
     from pyarrow.fs import PyFileSystem
 
     assert path == "bucket/prefix/tune" and isinstance(fs, PyFileSystem)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from entk_ray.config import ConfigError
 from entk_ray.data.base import Benchmark, report_sizes, subsample_indices
 from entk_ray.data.images import (ImageFileDataset, check_corrupt_settings, drop_or_fail_on_corrupt,
                                   file_list_digest, has_image_extension, scan_cache_path)
-from entk_ray.storage import as_url, filesystem_for
+from entk_ray.storage import as_url, filesystem_for, storage_errors
 
 
 @dataclass
@@ -26,6 +27,7 @@ class FolderListing:
 
     root: str
     by_class: dict[str, list[str]]
+    empty_classes: list[str] = dataclasses.field(default_factory=list)  # class folders without a single image
 
     @property
     def num_images(self) -> int:
@@ -34,13 +36,16 @@ class FolderListing:
 
 def list_image_folder(root: str, storage_options: dict[str, Any] | None = None) -> FolderListing:
     """List ``root/<class>/**/<image>`` (one recursive listing; files directly in ``root`` are ignored)."""
-    fs, base = filesystem_for(root, storage_options)
-    fs.invalidate_cache(base)
-    if not fs.isdir(base):
-        raise FileNotFoundError(f"image folder {root!r} does not exist or is not a folder")
-    base = base.rstrip("/")
+    with storage_errors(root, storage_options, "list"):
+        fs, base = filesystem_for(root, storage_options)
+        fs.invalidate_cache(base)
+        if not fs.isdir(base):
+            raise FileNotFoundError(f"image folder {root!r} does not exist or is not a folder")
+        base = base.rstrip("/")
+        files = sorted(fs.find(base))
+        folders = [e["name"].rstrip("/") for e in fs.ls(base, detail=True) if e.get("type") == "directory"]
     by_class: dict[str, list[str]] = {}
-    for path in sorted(fs.find(base)):
+    for path in files:
         relative = path[len(base):].lstrip("/")
         if "/" not in relative or not has_image_extension(relative):
             continue
@@ -48,7 +53,9 @@ def list_image_folder(root: str, storage_options: dict[str, Any] | None = None) 
         if class_name.startswith("."):
             continue
         by_class.setdefault(class_name, []).append(as_url(fs, path))
-    return FolderListing(root, by_class)
+    empty = sorted(as_url(fs, f) for f in folders
+                   if not f.rsplit("/", 1)[-1].startswith(".") and f.rsplit("/", 1)[-1] not in by_class)
+    return FolderListing(root, by_class, empty)
 
 
 def _ood_split_names(ood_dirs: Sequence[str]) -> list[str]:
@@ -112,8 +119,7 @@ def build_image_folder_benchmark(
     options = dict(storage_options or {})
 
     train_listing = list_image_folder(data_cfg.id_train_dir, options)
-    empty = sorted(c for c, v in train_listing.by_class.items() if not v)
-    if not train_listing.by_class or empty:
+    if not train_listing.by_class:
         raise ConfigError(f"data.id_train_dir = {data_cfg.id_train_dir!r} holds no images in class subfolders")
     class_names = sorted(train_listing.by_class)
     class_index = {c: i for i, c in enumerate(class_names)}
@@ -122,6 +128,12 @@ def build_image_folder_benchmark(
     sources["id_val"] = ("id_val_dir", list_image_folder(data_cfg.id_val_dir, options), data_cfg.n_id_val)
     for i, (key, folder) in enumerate(zip(ood_names, data_cfg.ood_dirs)):
         sources[key] = (f"ood_dirs[{i}]", list_image_folder(folder, options), data_cfg.n_ood)
+
+    for field_name, listing, _ in sources.values():
+        if listing.empty_classes:
+            dropped = " (their classes are left out of the benchmark)" if field_name == "id_train_dir" else ""
+            warnings.warn(f"data.{field_name}: class folder(s) {listing.empty_classes} hold no images and are "
+                          f"ignored{dropped}", stacklevel=2)
 
     sized_field = {"train": "n_train", "id_val": "n_id_val"}
     selected: dict[str, tuple[list[str], np.ndarray]] = {}

@@ -48,6 +48,7 @@ from entk_ray.data.base import Benchmark, report_sizes, subsample_indices
 from entk_ray.data.breeds import BREEDS_BENCHMARKS, BreedsSplit, breeds_split
 from entk_ray.data.images import (ImageFileDataset, check_corrupt_settings, drop_or_fail_on_corrupt,
                                   file_list_digest, has_image_extension, scan_cache_path)
+from entk_ray.errors import UserInputError
 from entk_ray.fingerprints import digest
 from entk_ray.storage import as_url, filesystem_for, join_url, read_parquet, write_parquet
 
@@ -79,7 +80,7 @@ CLASS_MAPPING_CANDIDATES = (
 )
 
 
-class MissingClassesError(FileNotFoundError):
+class MissingClassesError(UserInputError, FileNotFoundError):
     """Class folders (or validation ground truth) required by a benchmark are absent."""
 
     def __init__(self, message: str, missing: dict[str, list[str]]):

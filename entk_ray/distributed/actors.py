@@ -11,12 +11,20 @@ small, so a restarted actor never depends on objects in the store. It maps a :cl
   block task can read it from the object store (never ``ray.put`` inside the actor), and
 * a small info dict (penultimate embeddings of the rows, pid, node, device, seconds).
 
+With an artifact store, the actor also stores both (``shards/<split>/r<a>-<b>/embeddings`` and
+``…/phi``, Φ in its storage dtype, bfloat16 as its int16 bits: :func:`phi_to_wire`) before it
+returns, so a shard whose result reached the driver is on disk: a rerun after a crash loads it
+(:func:`load_stored_shard`, a task whose result takes the place of the actor's) instead of
+recomputing it.
+
 :class:`FeaturePool` schedules shards over the actors with ``ray.wait`` — not ``ActorPool``, which
 drops items whose task failed. A failed shard goes back to the queue and is retried (on any
 actor), an actor that keeps failing is retired, and the pool only gives up when a shard has failed
 ``max_attempts`` times or no actor is left. On top of that each actor has ``max_restarts`` and
 ``max_task_retries``, so a crashed actor process is restarted by Ray and its in-flight calls are
-re-run there transparently.
+re-run there transparently. A failure that is the input's fault (an
+:class:`~entk_ray.errors.UserInputError`: an image that does not decode, a storage endpoint that
+does not answer) is not retried: it is raised at once.
 """
 from __future__ import annotations
 
@@ -31,6 +39,9 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+
+from entk_ray.errors import find_user_error
+from entk_ray.store import safe_name
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +69,15 @@ class Shard:
 
     def __str__(self) -> str:
         return f"{self.split}[{self.start}:{self.stop}]"
+
+    def key(self, what: str) -> str:
+        """Artifact-store key of this shard's ``what`` (``"phi"`` or ``"embeddings"``)."""
+        return shard_key(self.split, self.start, self.stop, what)
+
+
+def shard_key(split: str, start: int, stop: int, what: str) -> str:
+    """``shards/<split>/r<start>-<stop>/<what>``: the rows it covers, so other shard sizes never match."""
+    return f"shards/{safe_name(split)}/r{start}-{stop}/{what}"
 
 
 def pick_device(requested: str) -> torch.device:
@@ -94,15 +114,29 @@ def phi_from_wire(array: np.ndarray, storage_dtype: str) -> torch.Tensor:
     return tensor.view(torch.bfloat16) if storage_dtype == "bfloat16" else tensor
 
 
+def load_stored_shard_task(namespace, key: str) -> tuple[np.ndarray | None, bool]:
+    """Body of the ``load_stored_shard`` task: ``(Φ in its wire format, True)`` from the store,
+    verified, or ``(None, False)`` when it is missing or corrupt (then it is recomputed). Its Φ
+    result is owned by the driver like an actor's, so block tasks read it from the object store."""
+    phi = namespace.get_array(key)
+    return phi, phi is not None
+
+
+#: Loading is I/O: no CPU reserved, so loads never wait for feature actors or block tasks.
+load_stored_shard = ray.remote(num_returns=2, num_cpus=0, max_retries=3)(load_stored_shard_task)
+
+
 # --------------------------------------------------------------------------------------------
 # The actor
 # --------------------------------------------------------------------------------------------
 class FeatureWorker:
     """Body of the feature actor (wrapped by :data:`FeatureActor`)."""
 
-    def __init__(self, factory: Callable, device: str = "auto", num_threads: int = 1, worker_name: str = "features"):
+    def __init__(self, factory: Callable, device: str = "auto", num_threads: int = 1, worker_name: str = "features",
+                 namespace=None):
         torch.set_num_threads(max(1, int(num_threads)))
         self.worker_name = worker_name
+        self.namespace = namespace  # artifact store namespace: Φ and embeddings are saved there
         self.device = pick_device(device)
         self.featurizer = factory(self.device)
         self._subset_fp = self.featurizer.subset.fingerprint()
@@ -130,11 +164,17 @@ class FeatureWorker:
         phi = self.featurizer.features(dataset, indices)
         emb = self.featurizer.embeddings(dataset, indices)
         seconds = time.perf_counter() - t0
-        info = {"embeddings": emb.numpy().astype(np.float32, copy=False), "pid": os.getpid(),
+        emb = emb.numpy().astype(np.float32, copy=False)
+        wire = phi_to_wire(phi)
+        if self.namespace is not None:  # before returning: a shard the driver has seen is stored
+            dtype = str(phi.dtype).removeprefix("torch.")
+            self.namespace.save_array(shard_key(split, start, stop, "embeddings"), emb)
+            self.namespace.save_array(shard_key(split, start, stop, "phi"), wire, meta={"storage_dtype": dtype})
+        info = {"embeddings": emb, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.device),
                 "seconds": seconds, "worker": self.worker_name,
                 "subset": self._subset_fp, "p": self.featurizer.subset.p}
-        return phi_to_wire(phi), info
+        return wire, info
 
 
 FeatureActor = ray.remote(FeatureWorker)
@@ -162,7 +202,7 @@ class FeaturePool:
     def __init__(self, factory: Callable, datasets: dict[str, Any], num_workers: int, *,
                  num_cpus: float = 1.0, num_gpus: float = 0.0, device: str = "auto", depth: int = 2,
                  max_restarts: int = 3, max_task_retries: int = 2, max_attempts: int = 4,
-                 release_idle: bool = True, run_id: str = "run"):
+                 release_idle: bool = True, run_id: str = "run", namespace=None):
         if num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
         self.depth = max(1, int(depth))
@@ -177,7 +217,7 @@ class FeaturePool:
         self._options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": max_restarts,
                          "max_task_retries": max_task_retries, "max_concurrency": 1}
         self._datasets = datasets  # split -> ObjectRef, passed along with every shard call
-        self._args = (factory, device, max(1, round(num_cpus)))  # torch threads per actor
+        self._args = (factory, device, max(1, round(num_cpus)), namespace)  # threads: torch threads per actor
         self._run_id = run_id
         self._created = 0
         self.num_workers = num_workers
@@ -189,9 +229,9 @@ class FeaturePool:
         """Start one more actor (initially, or to replace actors that are gone for good)."""
         actor_id = self._created
         name = f"entk-features-{self._run_id}-{actor_id}"
-        factory, device, threads = self._args
+        factory, device, threads, namespace = self._args
         self.actors[actor_id] = FeatureActor.options(name=name, **self._options).remote(
-            factory, device, threads, name)
+            factory, device, threads, name, namespace)
         self._created += 1
         return actor_id
 
@@ -252,6 +292,10 @@ class FeaturePool:
 
     def _failed(self, actor_id: int, shard: Shard, exc: Exception) -> None:
         self.failures.append((shard, f"{type(exc).__name__}: {exc}"[:500]))
+        expected = find_user_error(exc)
+        if expected is not None:  # the input's fault (a corrupt image, a silent store): a retry cannot help
+            log.warning("shard %s failed on actor %d: %s (not retried)", shard, actor_id, type(expected).__name__)
+            raise expected from exc
         # An actor Ray is restarting answers ActorUnavailableError (after a short wait): transient,
         # so it has its own, larger budget; task errors and dead actors use max_attempts.
         transient = isinstance(exc, ray.exceptions.ActorUnavailableError)

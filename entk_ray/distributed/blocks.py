@@ -187,8 +187,10 @@ class KernelAssembler:
         done = set(self.namespace.keys("blocks/"))
         still = []
         for block in self.missing:
-            if block.key in done:
-                self._place(block, self.namespace.load_array(block.key), kind="cached", progress=progress)
+            # Verified on load; a corrupt block is discarded (and logged), a vanished one is missing.
+            value = self.namespace.get_array(block.key) if block.key in done else None
+            if value is not None:
+                self._place(block, value, kind="cached", progress=progress)
                 self.cached += 1
             else:
                 still.append(block)
@@ -220,6 +222,10 @@ class KernelAssembler:
 
     def owns(self, ref: ray.ObjectRef) -> bool:
         return ref in self._running
+
+    def block_of(self, ref: ray.ObjectRef) -> Block | None:
+        """The block a running task computes."""
+        return self._running.get(ref)
 
     def launch(self) -> int:
         """Start missing blocks whose shards are ready, up to ``max_in_flight`` running."""

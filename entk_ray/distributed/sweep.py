@@ -30,7 +30,8 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from entk_ray.distributed import metrics
@@ -57,10 +58,50 @@ def tune_storage(cfg):
     base = artifact_store if artifact_store and is_remote(artifact_store) else str(cfg.store.out_dir)
     if not is_remote(base):
         return str((Path(base) / "tune").resolve()), None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    return credential_free_filesystem(join_url(base, "tune"), cfg.storage_options)
 
-    fs, inner = filesystem_for(join_url(base, "tune"), cfg.storage_options)
-    return inner, PyFileSystem(FSSpecHandler(fs))
+
+def credential_free_filesystem(url: str, storage_options: dict | None):
+    """``(path inside the filesystem, pyarrow filesystem)`` for Tune's or Ray Train's
+    ``storage_filesystem`` at a remote ``url``: the run's fsspec filesystem (its
+    ``storage_options``), whose pickle holds no credentials (:func:`_tune_filesystem_handler`)."""
+    from pyarrow.fs import PyFileSystem
+
+    options = dict(storage_options or {})
+    fs, inner = filesystem_for(url, options)
+    return inner, PyFileSystem(_tune_filesystem_handler(fs, url, options))
+
+
+def _tune_filesystem_handler(fs, url: str, options: dict, options_ref=None):
+    """pyarrow's handler over ``fs`` whose pickle holds no credentials.
+
+    Why: Tune (and Ray Train) pickle their storage filesystem twice — to ship it to the trial actors, which need
+    the credentials, and into ``tuner.pkl`` and the searcher state, which it writes next to the
+    results — and an fsspec filesystem pickles its options, S3 key and secret included. This
+    handler pickles as the URL and a reference to the options in Ray's object store (just an id;
+    put there on the first pickle, which happens inside the Tune run): a trial actor gets them
+    from there, and no file ever holds them."""
+    from pyarrow.fs import FSSpecHandler
+
+    class CredentialFreeHandler(FSSpecHandler):
+        def __reduce__(self):
+            import ray
+
+            nonlocal options_ref
+            if options_ref is None:
+                if not ray.is_initialized():  # ray.put would start (or join) a Ray of its own
+                    raise TypeError("the Tune storage filesystem holds credentials: it pickles only inside Ray")
+                options_ref = ray.put(options)
+            return _handler_from_object_store, (url, options_ref)
+
+    return CredentialFreeHandler(fs)
+
+
+def _handler_from_object_store(url: str, options_ref):
+    import ray
+
+    options = ray.get(options_ref, timeout=60)
+    return _tune_filesystem_handler(filesystem_for(url, options)[0], url, options, options_ref)
 
 
 @contextlib.contextmanager
@@ -122,12 +163,18 @@ def trial_slots(problem: KernelProblem, settings: SolverSettings, cpu_slots: int
 # --------------------------------------------------------------------------------------------
 def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: float = 1.0,
                rs_per_trial: int = 1,
-               on_round: Callable[[int, list[SolverRun]], None] | None = None) -> list[SolverRun]:
+               on_round: Callable[[int, list[SolverRun]], None] | None = None,
+               completed: Mapping[float, SolverRun] | None = None,
+               on_result: Callable[[list[SolverRun]], None] | None = None) -> list[SolverRun]:
     """The telescopic β search of ``cfg.solver`` as one Ray Tune run (see the module docstring).
 
     ``rs_per_trial`` r values are solved per trial (1: one trial, and one folder, per β); every
     r still gets its own Tune result. ``on_round(index, runs)`` is called on the driver for each
-    round, in order, once the search is done. Returns the runs of :func:`solve_sweep`, equal."""
+    round, in order, once the search is done. Returns the runs of :func:`solve_sweep`, equal.
+
+    Resuming: ``completed`` holds runs an interrupted sweep already solved (r → run); the search
+    takes them as done and no trial solves them again. ``on_result(runs)`` is called on the
+    driver as each trial completes, so a caller can store every run as soon as it exists."""
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
@@ -143,6 +190,13 @@ def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: 
     settings = SolverSettings.from_config(cfg.solver)
     batch = PathBatch.for_problem(problem, settings)  # validates the method before any Tune work
     searcher = TelescopicSearcher(settings, problem.select_on, rs_per_trial)
+    done = {float(r): run for r, run in (completed or {}).items()}
+    searcher.completed.update({r: run.to_dict() for r, run in done.items()})
+    receiver_id = uuid.uuid4().hex
+    callbacks = [JsonLoggerCallback()]
+    if on_result is not None:
+        _RESULT_RECEIVERS[receiver_id] = on_result
+        callbacks.append(_trial_runs_callback(receiver_id))
     storage_path, storage_filesystem = tune_storage(cfg)
     concurrent = cfg.ray.tune_max_concurrent
     if concurrent is None:
@@ -154,17 +208,20 @@ def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: 
             trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=0,
-            log_to_file=True, callbacks=[JsonLoggerCallback()],
+            log_to_file=True, callbacks=callbacks,
             checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),  # a path is one result
     )
-    with _quiet_tune():
-        grid = tuner.fit()
+    try:
+        with _quiet_tune():
+            grid = tuner.fit()
+    finally:
+        _RESULT_RECEIVERS.pop(receiver_id, None)
     if grid.errors:
         raise RuntimeError(f"{len(grid.errors)} sweep trial(s) failed; the first: {grid.errors[0]}")
     if searcher.failure is not None:  # the search itself raised (this process ran the searcher)
         raise searcher.failure
 
-    by_r: dict[float, SolverRun] = {}
+    by_r: dict[float, SolverRun] = dict(done)
     for result in grid:
         if "paths" in (result.metrics or {}):
             for run in trial_paths(result.metrics):
@@ -189,3 +246,26 @@ def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: 
             on_round(round_index, [run for run in runs if run.round == round_index])
     log.info("sweep %s: %d r values in %d Tune trials, %d at a time", name, len(runs), len(grid), concurrent)
     return runs
+
+
+#: Driver-side receivers of trial results, by id: a Tune callback names its receiver instead of
+#: holding it, because Tune pickles its callbacks into ``tuner.pkl`` (and the receiver holds the
+#: artifact store, whose options may hold credentials).
+_RESULT_RECEIVERS: dict[str, Callable[[list[SolverRun]], None]] = {}
+
+
+def _trial_runs_callback(receiver_id: str):
+    """A Tune callback handing each completed trial's runs to ``_RESULT_RECEIVERS[receiver_id]``."""
+    from ray.tune import Callback
+
+    class TrialRuns(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            from entk_ray.distributed import sweep  # by reference: a pickled copy holds only the id
+            from entk_ray.distributed.sweep_trials import trial_paths
+
+            receiver = sweep._RESULT_RECEIVERS.get(receiver_id)
+            result = trial.last_result or {}
+            if receiver is not None and "paths" in result:
+                receiver(trial_paths(result))
+
+    return TrialRuns()

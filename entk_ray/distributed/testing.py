@@ -124,6 +124,24 @@ class CrashOnceFactory:
         return self.inner.weights_fingerprint()
 
 
+class TinyAblationSetup:
+    """The ablation runner's setup (``entk_ray.ablation.ConfigSetup``) for :func:`tiny_model` and
+    :func:`tiny_benchmark`: the head seed comes from ``cfg.model.head_seed``, sizes from ``cfg.data``."""
+
+    def __init__(self, width: int = 4, image_size: int = 10):
+        self.width, self.image_size = width, image_size
+
+    def benchmark(self, cfg) -> Benchmark:
+        d = cfg.data
+        return tiny_benchmark(d.n_train, d.n_id_val, d.n_ood, image_size=self.image_size, seed=d.seed)
+
+    def model(self, cfg) -> nn.Module:
+        return tiny_model(0, self.width, head_seed=cfg.model.head_seed)
+
+    def weights_fingerprint(self, cfg) -> str:
+        return TinyFeaturizerFactory(FeatureConfig(), width=self.width).weights_fingerprint()
+
+
 # --------------------------------------------------------------------------------------------
 # trained baselines (entk_ray.finetune)
 

@@ -45,7 +45,7 @@ from entk_ray.distributed.runtime import cluster_cpus, cluster_gpus, init_ray, s
 from entk_ray.distributed.sweep import _quiet_tune, tune_storage
 from entk_ray.finetune import (METHOD_NAMES, BaselineResult, TrainSettings, TrialInputs, TrialResult,
                                run_trial)
-from entk_ray.storage import filesystem_for, is_remote
+from entk_ray.storage import is_remote
 from entk_ray.store import ArtifactStore, Namespace
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,9 @@ def trainer_storage(uri: str, storage_options: dict[str, Any] | None = None):
     """
     if not is_remote(uri):
         return os.path.abspath(uri), None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    from entk_ray.distributed.sweep import credential_free_filesystem
 
-    fs, root = filesystem_for(uri, dict(storage_options or {}))
-    return root, PyFileSystem(FSSpecHandler(fs))
+    return credential_free_filesystem(uri, storage_options)  # its pickle (trainer state) holds no keys
 
 
 def lr_name(lr: float) -> str:
@@ -217,8 +216,8 @@ def ray_baselines(cfg, inputs: TrialInputs, fingerprint: str, log: Callable[[str
         for method in ft.baselines:
             prefix = f"{method}-{inputs.fingerprint(method, settings)}"
             storage = trainer_storage(f"{ns.uri}/finetune/checkpoints/{prefix}", cfg.storage_options)
-            done = {float(lr): TrialResult(**ns.load_json(f"finetune/results/{prefix}/{lr_name(lr)}"))
-                    for lr in ft.lr_grid if ns.has(f"finetune/results/{prefix}/{lr_name(lr)}")}
+            stored = {float(lr): ns.get_json(f"finetune/results/{prefix}/{lr_name(lr)}") for lr in ft.lr_grid}
+            done = {lr: TrialResult(**doc) for lr, doc in stored.items() if doc is not None}  # verified loads
             todo = [float(lr) for lr in ft.lr_grid if float(lr) not in done]
             start = time.perf_counter()
             if todo:
