@@ -32,7 +32,7 @@ CORRUPT_POLICIES = ("fail", "skip")
 FINETUNE_BASELINES = ("ft", "lpft", "scratch")
 FINETUNE_PRECISIONS = ("auto", "fp32", "bf16")
 FINETUNE_AUGMENTS = ("auto", "none")
-FINETUNE_BATCHNORM = ("train", "frozen")
+FINETUNE_BATCHNORM = ("auto", "train", "frozen")
 IMAGE_BENCHMARKS = ("living17", "entity13", "entity30", "nonliving26", "image_folder")  # decoded from image files
 # plan.hardware: detected, a preset of entk_ray.plan.PRESETS, or the plan.* numbers
 PLAN_HARDWARE = ("auto", "custom", "h100", "g5.12xlarge", "p4d.24xlarge", "r6i.8xlarge")
@@ -185,7 +185,8 @@ class FinetuneConfig:
     sync_batchnorm: bool = True  # SyncBatchNorm across the GPU workers of a trial (CPU workers keep their own)
     # BatchNorm while training ft/lpft: train (batch statistics, Kumar et al.) or frozen (the pretrained
     # running statistics; for small batches or inputs far from the pretraining data). scratch: always train.
-    batchnorm: str = "train"
+    # auto: frozen on the digits shift (batch statistics there stall training: docs/finetuning.md), else train.
+    batchnorm: str = "auto"
     eval_batch_size: int = 256
     num_workers: int = 1  # Ray Train workers (DDP) per trial; trials run side by side on the rest
     use_gpu: bool | None = None  # None: when the Ray cluster has GPUs

@@ -15,7 +15,7 @@ linear head, logits(x) = W g_θ(x) + b, W ∈ R^{C×D}, trained on cross-entropy
 Protocol (Kumar et al.'s Living-17 recipe, every number in ``FinetuneConfig``): SGD with momentum
 0.9, no weight decay, global batch 64, 20 epochs, learning rate following a per-step cosine from
 ``lr`` to 0, BatchNorm in training mode (``batchnorm="frozen"`` keeps the pretrained statistics for
-``ft``/``lpft`` instead: see ``FinetuneConfig``). The training split is augmented (``entk_ray.data.augment``);
+``ft``/``lpft`` instead; the default ``"auto"`` does so on the digits shift: :func:`resolve_batchnorm`). The training split is augmented (``entk_ray.data.augment``);
 evaluation uses the benchmark's own splits and transform, with the model in eval mode. Every epoch
 records the accuracy of every evaluation set (epoch 0: at initialization). For each learning rate of
 the grid the best epoch by selection-set accuracy is kept (earliest on ties, epochs ≥ 1: early
@@ -75,10 +75,12 @@ class TrainSettings:
     batchnorm: str = "train"
 
     @classmethod
-    def from_config(cls, ft: FinetuneConfig) -> "TrainSettings":
+    def from_config(cls, ft: FinetuneConfig, benchmark: str | None = None) -> "TrainSettings":
+        """``benchmark`` (``data.benchmark``) resolves ``batchnorm="auto"`` (:func:`resolve_batchnorm`)."""
         loaders = ft.loader_workers if ft.loader_workers is not None else max(0, int(ft.cpus_per_worker) - 1)
         return cls(ft.epochs, ft.batch_size, float(ft.momentum), float(ft.weight_decay), ft.seed, ft.precision,
-                   ft.channels_last, ft.sync_batchnorm, ft.eval_batch_size, loaders, ft.batchnorm)
+                   ft.channels_last, ft.sync_batchnorm, ft.eval_batch_size, loaders,
+                   resolve_batchnorm(ft.batchnorm, benchmark))
 
     def numerics(self) -> dict[str, Any]:
         """The settings that change the numbers (not the DataLoader processes)."""
@@ -86,6 +88,25 @@ class TrainSettings:
         out.pop("loader_workers")
         out.pop("eval_batch_size")
         return out
+
+
+#: Benchmarks on which ``finetune.batchnorm="auto"`` keeps the pretrained BatchNorm statistics.
+FROZEN_BATCHNORM_BENCHMARKS = ("digits",)
+
+
+def resolve_batchnorm(batchnorm: str, benchmark: str | None) -> str:
+    """``"auto"`` → ``"frozen"`` on the digits shift, ``"train"`` (Kumar et al.) elsewhere.
+
+    Why the digits differ (measured, docs/finetuning.md): their batch statistics are far from the
+    ImageNet running statistics (a late layer's batch variance is 3 % of its running variance), so
+    in training mode Lite0's features are another function (cosine 0.14 to the pretrained ones, 2.6×
+    smaller) on which a fresh head learns several times slower; the few steps of a small digits run
+    then leave the training loss near log 10, and the running statistics, updated with momentum 0.1,
+    match neither the pretrained network nor the trained one.
+    """
+    if batchnorm == "auto":
+        return "frozen" if benchmark in FROZEN_BATCHNORM_BENCHMARKS else "train"
+    return batchnorm
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -521,7 +542,7 @@ def local_baselines(cfg: Config, inputs: TrialInputs, log: Callable[[str], None]
     """Every configured baseline and learning rate, one after another in this process (no checkpoints)."""
     from entk_ray.featurizer import resolve_device
 
-    settings = TrainSettings.from_config(cfg.finetune)
+    settings = TrainSettings.from_config(cfg.finetune, cfg.data.benchmark)
     device = resolve_device(cfg.features.device)
     results = {}
     for method in cfg.finetune.baselines:

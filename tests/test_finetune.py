@@ -12,7 +12,7 @@ from entk_ray.config import Config, ConfigError
 from entk_ray.data.augment import SeededAugmentation, TensorCrop, training_set
 from entk_ray.distributed.testing import TinyClassifierFactory, TinyFeaturizerFactory, tiny_benchmark
 from entk_ray.finetune import (BaselineResult, GlobalBatchSampler, TrainSettings, TrialInputs, TrialResult,
-                               autocast_dtype, best_epoch, probe_head, run_trial)
+                               autocast_dtype, best_epoch, probe_head, resolve_batchnorm, run_trial)
 from entk_ray.report import format_table
 
 CPU = torch.device("cpu")
@@ -63,6 +63,38 @@ def test_lpft_starts_from_the_linear_probe_with_its_standardization_folded_in():
     inputs = TrialInputs(factory, training_set(b.train), dict(b.eval_sets()), b.num_classes, "id_val", head)
     history = run_trial(inputs, "lpft", 0.01, TrainSettings(epochs=1, batch_size=16), CPU)
     assert history[0]["accuracy"]["id_val"] == pytest.approx(probe.accuracy["id_val"])
+
+
+def test_batchnorm_auto_keeps_the_pretrained_statistics_on_the_digits_and_trains_them_elsewhere():
+    # docs/finetuning.md: on the digits shift batch statistics stall Lite0's fine-tuning (ID at chance)
+    ft = Config().finetune
+    assert ft.batchnorm == "auto"
+    assert TrainSettings.from_config(ft, "digits").batchnorm == "frozen"
+    for benchmark in ("living17", "entity30", "image_folder", None):
+        assert TrainSettings.from_config(ft, benchmark).batchnorm == "train"  # Kumar et al.
+    assert resolve_batchnorm("train", "digits") == "train" and resolve_batchnorm("frozen", "living17") == "frozen"
+    assert Config().with_overrides(["finetune.batchnorm=train"]).validate().finetune.batchnorm == "train"
+    with pytest.raises(ConfigError, match="finetune.batchnorm"):
+        Config().with_overrides(["finetune.batchnorm=sync"]).validate()
+
+
+def test_frozen_batchnorm_leaves_the_running_statistics_and_training_mode_moves_them():
+    # at lr 0 only BatchNorm's running statistics can change the network: LP-FT's probe accuracy
+    # survives an epoch with frozen statistics (on the digits, train mode lost 69.5 % → 31.0 % so)
+    b = tiny_benchmark()
+    factory = TinyClassifierFactory(norm="batch")
+    start = factory("ft", b.num_classes).state_dict()
+    for batchnorm, moved in (("frozen", False), ("train", True)):
+        model = factory("ft", b.num_classes)
+        inputs = TrialInputs(factory, training_set(b.train), dict(b.eval_sets()), b.num_classes, "id_val")
+        history = run_trial(inputs, "ft", 0.0, TrainSettings(epochs=1, batch_size=16, batchnorm=batchnorm), CPU,
+                            model=model)
+        stats = [name for name in start if "running_" in name]
+        assert stats
+        changed = [name for name in stats if not torch.equal(model.state_dict()[name], start[name])]
+        assert bool(changed) == moved, (batchnorm, changed)
+        if not moved:
+            assert history[1]["accuracy"] == history[0]["accuracy"]
 
 
 def test_bf16_autocast_is_the_gpu_default_and_trains_close_to_fp32():

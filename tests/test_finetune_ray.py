@@ -75,7 +75,10 @@ def test_a_crashed_sweep_resumes_from_its_checkpoints_and_ends_as_an_uninterrupt
     # logic is per trial (a sweep with more rates repeats it for each).
     cfg = Config().with_overrides([
         "finetune.baselines=[ft]", "finetune.epochs=2", "finetune.batch_size=16", "finetune.lr_grid=[0.5]",
-        "finetune.seed=2", "finetune.use_gpu=false", f"store.out_dir={tmp_path / 'out'}"])
+        "finetune.seed=2", "finetune.use_gpu=false", f"store.out_dir={tmp_path / 'out'}",
+        # BatchNorm in training mode (not auto's frozen for data.benchmark=digits): the running
+        # statistics then change every step, so the checkpoint must carry them too
+        "finetune.batchnorm=train"])
     plain = TinyClassifierFactory()
     # the training process exits at its 7th step: in epoch 2, after epoch 1's checkpoint
     # (once Ray Train has registered that checkpoint: a rerun resumes from registered ones only)

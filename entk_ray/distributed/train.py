@@ -205,7 +205,7 @@ def ray_baselines(cfg, inputs: TrialInputs, fingerprint: str, log: Callable[[str
     started = init_ray(cfg.ray.address)
     try:
         ft = cfg.finetune
-        settings = TrainSettings.from_config(ft)
+        settings = TrainSettings.from_config(ft, cfg.data.benchmark)
         scaling = TrialScaling.from_config(ft)
         store = store or ArtifactStore.from_config(cfg)
         ns = store.namespace(fingerprint)
