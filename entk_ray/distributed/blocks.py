@@ -32,6 +32,7 @@ import ray
 from entk_ray import kernels as kern
 from entk_ray.distributed import metrics
 from entk_ray.distributed.actors import Shard, phi_from_wire
+from entk_ray.errors import find_user_error
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,9 @@ class KernelAssembler:
             value = ray.get(ref)
         except Exception as exc:
             if not _is_lost_object(exc):
+                expected = find_user_error(exc)
+                if expected is not None:  # the input's or the store's fault (a silent S3): its own message
+                    raise expected from exc
                 raise RuntimeError(f"kernel block {block} failed: {exc}") from exc
             self._attempts[block] = self._attempts.get(block, 0) + 1
             if self._attempts[block] > 3:
