@@ -285,6 +285,9 @@ def _run(cfg: Config, backend: Backend | None, progress: bool, log: Callable[[st
                       "method": "percentile", "level": 0.95},
         "probe_sweep": probe.sweep, "config": cfg.to_dict(), "backend": backend.name, "span": span, **extra,
         **({"trained": {m: r.to_dict() for m, r in trained.items()}} if trained else {})})
+    if span is not None:
+        out_dir = Path(cfg.store.out_dir)
+        result.paths.update({name: out_dir / name for name in ("span.json", "span.png", "spectrum.png")})
     if trained:
         from entk_ray.report_training import write_training
 
