@@ -209,7 +209,7 @@ print(max(worst, relative_error(fused, eager)))
 def test_triton_kernel_logic_matches_the_torch_path(tmp_path):
     """The CUDA kernel, run by Triton's CPU interpreter (TRITON_INTERPRET=1): same indexing,
     masks for padding/stride/dilation/groups, column placement. Speed is not tested here."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="the Triton kernel's logic needs the triton package (installed with torch on Linux x86-64); the torch path is tested without it")
     script = tmp_path / "triton_check.py"
     script.write_text(TRITON_SCRIPT.format(tests=os.path.dirname(__file__)))
     env = {**os.environ, "TRITON_INTERPRET": "1"}

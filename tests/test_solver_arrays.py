@@ -60,7 +60,9 @@ def test_batched_nag_equals_per_beta_nag(namespace, momentum):
         assert np.array_equal(run.steps, alone.steps) and run.final_step == alone.final_step
         assert run.converged == alone.converged and run.beta == alone.beta
         for name in problem.eval_kernels:
-            assert np.array_equal(run.accuracy[name], alone.accuracy[name]), (r, name)
+            # reason: argmaxes of scores equal to round-off; at most one example may sit on a tie
+            np.testing.assert_allclose(run.accuracy[name], alone.accuracy[name], rtol=0,
+                                       atol=1.0 / len(problem.eval_labels[name]) + 1e-12, err_msg=f"{r} {name}")
             # reason: the losses of the same scores up to round-off of the batched GEMM
             np.testing.assert_allclose(run.loss[name], alone.loss[name], rtol=1e-10)
             scores = [problem.eval_kernels[name] @ a for a in alphas]
@@ -87,9 +89,11 @@ def test_torch_on_cpu_gives_numpys_sweep(method):
     for a, b in zip(on_torch, on_numpy):
         assert np.array_equal(a.steps, b.steps) and a.converged == b.converged and a.round == b.round
         # reason: torch's and numpy's BLAS sum in different orders; accuracies count argmaxes of
-        # scores that agree to ~1e-12 relative, far from a tie on this problem
+        # scores that agree to ~1e-12 relative: at most one example may sit on a tie
         for name in problem.eval_kernels:
-            np.testing.assert_array_equal(a.accuracy[name], b.accuracy[name], err_msg=f"{method} r={a.r} {name}")
+            np.testing.assert_allclose(a.accuracy[name], b.accuracy[name], rtol=0,
+                                       atol=1.0 / len(problem.eval_labels[name]) + 1e-12,
+                                       err_msg=f"{method} r={a.r} {name}")
             np.testing.assert_allclose(a.loss[name], b.loss[name], rtol=1e-9)
         np.testing.assert_allclose(a.grad_norm, b.grad_norm, rtol=1e-8, atol=1e-12)
         assert a.beta == pytest.approx(b.beta, rel=1e-14)
@@ -118,8 +122,9 @@ def test_batched_spectral_recurrence_equals_one_r_at_a_time():
         for r, run in zip(RS, batch):
             alone = solver.path(r, 250, 5, 1e-7)
             assert np.array_equal(run.steps, alone.steps) and run.converged == alone.converged
-            for name in problem.eval_kernels:
-                assert np.array_equal(run.accuracy[name], alone.accuracy[name])
+            for name in problem.eval_kernels:  # reason: as above, one example of slack at a tie
+                np.testing.assert_allclose(run.accuracy[name], alone.accuracy[name], rtol=0,
+                                           atol=1.0 / len(problem.eval_labels[name]) + 1e-12)
             np.testing.assert_allclose(run.grad_norm, alone.grad_norm, rtol=1e-12, atol=1e-15)
 
 
