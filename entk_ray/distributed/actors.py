@@ -46,12 +46,11 @@ from entk_ray.store import safe_name
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Shard:
-    """Rows ``[start, stop)`` of split ``split``; ``index`` is its position within the split."""
+class RowRange:
+    """Rows ``[start, stop)`` of a split: what a shard and a kernel tile share (they give
+    ``split``, ``start`` and ``stop``)."""
 
     split: str
-    index: int
     start: int
     stop: int
 
@@ -69,6 +68,16 @@ class Shard:
 
     def __str__(self) -> str:
         return f"{self.split}[{self.start}:{self.stop}]"
+
+
+@dataclass(frozen=True)
+class Shard(RowRange):
+    """Rows ``[start, stop)`` of split ``split``; ``index`` is its position within the split."""
+
+    split: str
+    index: int
+    start: int
+    stop: int
 
     def key(self, what: str) -> str:
         """Artifact-store key of this shard's ``what`` (``"phi"`` or ``"embeddings"``)."""

@@ -31,7 +31,7 @@ import ray
 
 from entk_ray import kernels as kern
 from entk_ray.distributed import metrics
-from entk_ray.distributed.actors import Shard, phi_from_wire
+from entk_ray.distributed.actors import RowRange, Shard, phi_from_wire
 from entk_ray.errors import find_user_error
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ TASK_NAME = "kernel_tile"
 
 
 @dataclass(frozen=True)
-class Tile:
+class Tile(RowRange):
     """Consecutive shards ``shards`` of one split: rows [start, stop)."""
 
     split: str
@@ -57,20 +57,6 @@ class Tile:
     def stop(self) -> int:
         return self.shards[-1].stop
 
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def rows(self) -> tuple[int, int]:
-        return (self.start, self.stop)
-
-    @property
-    def tag(self) -> str:
-        return f"r{self.start}-{self.stop}"
-
-    def __str__(self) -> str:
-        return f"{self.split}[{self.start}:{self.stop}]"
 
 
 def make_tiles(shards: list[Shard], tile_rows: int | None = None) -> list[Tile]:
