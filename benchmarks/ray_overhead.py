@@ -17,7 +17,10 @@ with ``ratio: <median Ray time / median single-process time>`` (target ≤ 1.3 o
 m = 500 + 500 evaluation rows, C = 10, its solver settings: 3 rounds, 1,000 steps; 19 r values,
 as in the quick-start, whose best r is also the grid's smallest) on a seeded random kernel (no
 features): the Ray Tune sweep (``tune_sweep``) against the one-process ``solve_sweep``, both
-including the driver's eigh, after checking that both give the same runs. Its last line is
+including the driver's eigh, after checking that both give the same runs. It also times Tune's
+own floor on the same Ray: one Tune run of one no-op trial with the sweep's Tune settings (a fresh
+trial actor, i.e. a new Python worker importing Ray Tune, plus the controller's start and end),
+which no sweep through Tune can go below. Its last line is
 ``ratio: <median Tune sweep / median one-process sweep>`` (target ≤ 2).
 """
 from __future__ import annotations
@@ -86,6 +89,34 @@ def random_problem(n: int = 1000, m: int = 500, classes: int = 10, dim: int = 10
                         classes)
 
 
+def tune_floor(cfg: Config, name: str) -> float:
+    """Seconds of one Tune run of a single no-op trial, with the sweep's Tune settings (quiet, JSON
+    results only, no checkpoints, reused actors, the same storage): Tune's fixed cost per run."""
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+
+    from entk_ray.distributed.sweep import _quiet_tune, tune_storage
+
+    class NoOp(tune.Trainable):
+        def step(self):
+            return {"done": True}
+
+    storage_path, storage_filesystem = tune_storage(cfg)
+    t0 = time.perf_counter()
+    with _quiet_tune():
+        grid = tune.Tuner(
+            NoOp, param_space={},
+            tune_config=tune.TuneConfig(num_samples=1, reuse_actors=True, max_concurrent_trials=1),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                                      verbose=0, callbacks=[JsonLoggerCallback()],
+                                      checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
+        ).fit()
+    elapsed = time.perf_counter() - t0
+    if grid.errors:
+        raise SystemExit(f"the no-op Tune run failed: {grid.errors[0]}")
+    return elapsed
+
+
 def sweep_only(cfg: Config, repeats: int, rs_per_trial: int) -> int:
     """The β sweep alone: Tune (one Tuner) against one process, on a random quick-start-sized problem."""
     from entk_ray.distributed import init_ray, shutdown_ray
@@ -105,12 +136,15 @@ def sweep_only(cfg: Config, repeats: int, rs_per_trial: int) -> int:
           f"{rs_per_trial} r per trial", flush=True)
     print(f"ray {ray.__version__} start-up: {time.perf_counter() - start:.1f}s (not in the ratio); "
           f"resources {ray.cluster_resources()}", flush=True)
-    times: dict[str, list[float]] = {"local": [], "tune": []}
+    times: dict[str, list[float]] = {"local": [], "tune": [], "floor": []}
     try:
         for rep in range(repeats):
-            order = ["local", "tune"] if rep % 2 == 0 else ["tune", "local"]
+            order = ["local", "tune", "floor"] if rep % 2 == 0 else ["floor", "tune", "local"]
             runs = {}
             for name in order:
+                if name == "floor":
+                    times[name].append(tune_floor(cfg, f"floor-{rep}"))
+                    continue
                 t0 = time.perf_counter()
                 if name == "local":
                     runs[name] = solve_sweep(problem, settings)
@@ -122,14 +156,17 @@ def sweep_only(cfg: Config, repeats: int, rs_per_trial: int) -> int:
                 np.array_equal(a.accuracy[k], b.accuracy[k]) for a, b in zip(runs["tune"], runs["local"])
                 for k in b.accuracy)
             print(f"rep {rep}: {len(runs['local'])} r values; local {times['local'][-1]:6.2f}s  "
-                  f"tune {times['tune'][-1]:6.2f}s  same runs: {same}", flush=True)
+                  f"tune {times['tune'][-1]:6.2f}s  Tune floor {times['floor'][-1]:6.2f}s  same runs: {same}",
+                  flush=True)
             if not same:
                 raise SystemExit("the Tune sweep and the one-process sweep differ")
     finally:
         shutdown_ray(started)
         shutil.rmtree(scratch, ignore_errors=True)
-    local, tune = statistics.median(times["local"]), statistics.median(times["tune"])
-    print(f"medians over {repeats} repetitions: one process {local:.2f}s, Tune {tune:.2f}s")
+    local, tune, floor = (statistics.median(times[k]) for k in ("local", "tune", "floor"))
+    print(f"medians over {repeats} repetitions: one process {local:.2f}s, Tune {tune:.2f}s; "
+          f"Tune's floor (one no-op trial) {floor:.2f}s = {floor / local:.2f}x the one-process sweep; "
+          f"the sweep beyond the floor {tune - floor:.2f}s = {(tune - floor) / local:.2f}x")
     print(f"ratio: {tune / local:.3f}")
     return 0
 

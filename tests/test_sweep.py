@@ -19,7 +19,7 @@ from ray.tune.search import Searcher
 
 from entk_ray.config import Config
 from entk_ray.distributed import runtime
-from entk_ray.distributed.sweep import tune_storage, tune_sweep, trial_slots
+from entk_ray.distributed.sweep import cpus_per_trial, trial_slots, tune_storage, tune_sweep
 from entk_ray.distributed.sweep_trials import (
     PathBatch,
     TelescopicSearcher,
@@ -200,6 +200,17 @@ def test_trial_slots_one_actor_for_a_small_sweep_more_for_a_large_one():
     assert trial_slots(living17, quick_start, cpu_slots=4) == 4  # one per CPU slot
     assert trial_slots(living17, quick_start, cpu_slots=16, rs_per_trial=4) == 3  # trials of a round
     assert trial_slots(living17, quick_start, cpu_slots=0) == 1
+
+
+def test_cpu_trials_take_the_cores_the_other_trials_leave_idle():
+    assert cpus_per_trial([2.0], trials=1) == 2.0  # the quick-start: one trial, both cores
+    assert cpus_per_trial([16.0], trials=3) == 5.0
+    assert cpus_per_trial([16.0, 16.0], trials=3) == 8.0  # all three still run at once (2 + 2 fit)
+    assert cpus_per_trial([16.0, 4.0], trials=2) == 8.0  # both on the big node beats 4 each
+    assert cpus_per_trial([16.0], trials=16) == 1.0
+    assert cpus_per_trial([2.0], trials=5) == 1.0  # more trials than cores: the minimum
+    assert cpus_per_trial([16.0], trials=16, minimum=2.0) == 2.0
+    assert cpus_per_trial([], trials=1) == 1.0
 
 
 def test_tune_storage_is_the_run_folder_or_the_remote_artifact_store(tmp_path):

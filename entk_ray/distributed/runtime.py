@@ -171,6 +171,12 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0.0))
 
 
+def node_cpus() -> list[float]:
+    """CPUs of each live node of the cluster (nodes without CPUs left out)."""
+    return [float(node["Resources"]["CPU"]) for node in ray.nodes()
+            if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0]
+
+
 # ---------------------------------------------------------------------------------------------
 def _start_local(num_cpus, num_gpus, include_dashboard, kwargs) -> object:
     options = {"_node_ip_address": LOOPBACK, "dashboard_host": LOOPBACK, **kwargs}

@@ -22,7 +22,8 @@ Tune's files go to ``<tune storage>/<name>`` (:func:`tune_storage`: the artifact
 when it is remote, so every node of a cluster reaches it, else ``<out_dir>/tune``), one folder per
 trial named by round and r (``round1_r=3.162e-05_<id>``) holding ``result.json`` (one line per r)
 and the trial's ``params.json``/``params.pkl``; no checkpoints, CSV or TensorBoard files. A small
-sweep runs on one reused trial actor (:func:`trial_slots`); ``ray.tune_max_concurrent`` overrides.
+sweep runs on one reused trial actor (:func:`trial_slots`) that asks for the cores the node would
+otherwise leave idle (:func:`cpus_per_trial`); ``ray.tune_max_concurrent`` overrides.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from entk_ray.distributed import metrics
-from entk_ray.distributed.runtime import cluster_cpus, cluster_gpus
+from entk_ray.distributed.runtime import cluster_cpus, cluster_gpus, node_cpus
 from entk_ray.solvers import KernelProblem, SolverRun, SolverSettings, telescopic_search
 from entk_ray.storage import filesystem_for, is_remote, join_url
 
@@ -159,6 +160,21 @@ def trial_slots(problem: KernelProblem, settings: SolverSettings, cpu_slots: int
     return max(1, min(cpu_slots, trials, worth))
 
 
+def cpus_per_trial(nodes: list[float], trials: int, minimum: float = 1.0) -> float:
+    """CPUs each of ``trials`` CPU trials asks for: the most (whole CPUs) that still lets all of
+    them run at once on nodes with ``nodes`` CPUs, never below ``minimum``.
+
+    Why: a trial's solver is BLAS work whose threads follow its CPU request (Ray sets
+    ``OMP_NUM_THREADS`` to it), and a small sweep runs on fewer trials than CPUs — the quick-start
+    on one trial — which at one CPU each would leave the other cores idle."""
+    for cpus in range(int(max(nodes, default=0.0)), 0, -1):
+        if cpus <= minimum:
+            break
+        if sum(int(n // cpus) for n in nodes) >= trials:
+            return float(cpus)
+    return float(minimum)
+
+
 # --------------------------------------------------------------------------------------------
 # Trials on GPUs
 # --------------------------------------------------------------------------------------------
@@ -262,7 +278,8 @@ def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: 
 
     ``rs_per_trial`` r values are solved per trial (default: one per trial on CPUs, one trial, and
     one folder, per β; on GPUs a round's share per trial, see :func:`sweep_layout`); every r still
-    gets its own Tune result. ``on_round(index, runs)`` is called on the driver for each
+    gets its own Tune result. A CPU trial asks for at least ``trial_cpus`` CPUs, more when fewer
+    trials run at once than the cluster has cores (:func:`cpus_per_trial`). ``on_round(index, runs)`` is called on the driver for each
     round, in order, once the search is done. Returns the runs of :func:`solve_sweep`, equal.
 
     Resuming: ``completed`` holds runs an interrupted sweep already solved (r → run); the search
@@ -295,6 +312,8 @@ def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: 
         callbacks.append(_trial_runs_callback(receiver_id))
     storage_path, storage_filesystem = tune_storage(cfg)
     concurrent = layout.concurrent if cfg.ray.tune_max_concurrent is None else cfg.ray.tune_max_concurrent
+    if layout.gpus_per_trial == 0:  # CPU trials: the cores the concurrent trials leave idle go to their BLAS
+        trial_cpus = cpus_per_trial(node_cpus(), concurrent, trial_cpus)
     tuner = tune.Tuner(
         trainable_for(batch, trial_cpus, layout.gpus_per_trial),
         tune_config=tune.TuneConfig(
@@ -338,8 +357,8 @@ def tune_sweep(cfg, problem: KernelProblem, *, name: str = "sweep", trial_cpus: 
     if on_round is not None:
         for round_index in sorted({run.round for run in runs}):
             on_round(round_index, [run for run in runs if run.round == round_index])
-    log.info("sweep %s: %d r values in %d Tune trials (%s), %d at a time", name, len(runs), len(grid),
-             layout.describe(), concurrent)
+    log.info("sweep %s: %d r values in %d Tune trials (%s), %d at a time, %g CPU each", name, len(runs),
+             len(grid), layout.describe(), concurrent, trial_cpus)
     return runs
 
 
