@@ -323,33 +323,65 @@ def _shard(n: int, rank: int, world: int) -> range:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, evals: dict[str, Dataset], device: torch.device, *, batch_size: int = 256,
-             autocast: torch.dtype | None = None, channels_last: bool = False, rank: int = 0,
-             world: int = 1, num_workers: int = 0) -> dict[str, float]:
-    """Accuracy of ``argmax logits`` on every set, with the model in eval mode (left in it).
+def evaluate_examples(model: nn.Module, evals: dict[str, Dataset], device: torch.device, *, batch_size: int = 256,
+                      autocast: torch.dtype | None = None, channels_last: bool = False, rank: int = 0,
+                      world: int = 1, num_workers: int = 0) -> dict[str, np.ndarray]:
+    """Per-example correctness ``argmax logits == label`` on every set (bool, in the set's order),
+    with the model in eval mode (left in it).
 
-    With ``world > 1`` each worker scores examples ``rank, rank + world, …`` and the correct counts
-    are summed over the process group, so every worker returns the accuracy on the whole set.
+    With ``world > 1`` each worker scores examples ``rank, rank + world, …`` and the disjoint
+    per-worker masks are summed over the process group, so every worker returns the whole sets'.
     """
     model.eval()
-    counts = torch.zeros(2 * len(evals), dtype=torch.float64)
-    for i, (name, dataset) in enumerate(evals.items()):
+    correct = {}
+    for name, dataset in evals.items():
         indices = list(_shard(len(dataset), rank, world))
+        mask = torch.zeros(len(dataset), dtype=torch.int32)
         loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             pin_memory=device.type == "cuda")
+        done = 0
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with _autocast(device, autocast):
                 logits = model(images)
-            counts[2 * i] += (logits.argmax(1).cpu() == labels).sum().item()
-        counts[2 * i + 1] = len(indices)
-    if world > 1:
-        counts = counts.to(device)
-        dist.all_reduce(counts)
-        counts = counts.cpu()
-    return {name: float(counts[2 * i] / counts[2 * i + 1]) for i, name in enumerate(evals)}
+            batch = indices[done:done + len(labels)]
+            mask[batch] = (logits.argmax(1).cpu() == labels).to(torch.int32)
+            done += len(labels)
+        if world > 1:
+            mask = mask.to(device)
+            dist.all_reduce(mask)
+            mask = mask.cpu()
+        correct[name] = mask.numpy().astype(bool)
+    return correct
+
+
+def pack_correct(correct: dict[str, np.ndarray]) -> dict[str, str]:
+    """Per-example correctness in a history record: ``"<n>:<base64 of the packed bits>"`` per set
+    (1,700 examples take 292 characters)."""
+    import base64
+
+    return {name: f"{mask.size}:{base64.b64encode(np.packbits(mask.astype(bool))).decode()}"
+            for name, mask in correct.items()}
+
+
+def unpack_correct(packed: dict[str, str]) -> dict[str, np.ndarray]:
+    """The bool arrays of :func:`pack_correct`."""
+    import base64
+
+    out = {}
+    for name, text in packed.items():
+        size, bits = text.split(":", 1)
+        out[name] = np.unpackbits(np.frombuffer(base64.b64decode(bits), dtype=np.uint8), count=int(size)).astype(bool)
+    return out
+
+
+def _scored(model: nn.Module, evals: dict[str, Dataset], device: torch.device, **options) -> dict[str, Any]:
+    """A history record's ``accuracy`` and ``correct`` (packed) fields."""
+    correct = evaluate_examples(model, evals, device, **options)
+    return {"accuracy": {name: float(mask.mean()) for name, mask in correct.items()},
+            "correct": pack_correct(correct)}
 
 
 def set_training(model: nn.Module, frozen_batchnorm: bool) -> None:
@@ -382,8 +414,9 @@ def run_trial(inputs: TrialInputs, method: str, lr: float, settings: TrainSettin
         model: a prebuilt classifier (tests); default: ``inputs.factory(method, …)``.
 
     Each record: ``epoch``, ``step``, ``lr`` (at the end of the epoch), ``train_loss`` (mean over
-    the epoch's global batches), ``accuracy`` ({set: fraction}), ``seconds`` and ``examples_per_s``
-    (training only, all workers).
+    the epoch's global batches), ``accuracy`` ({set: fraction}), ``correct`` (per-example
+    correctness, :func:`pack_correct`: the table's bootstrap intervals), ``seconds`` and
+    ``examples_per_s`` (training only, all workers).
     """
     s = settings
     autocast = autocast_dtype(s.precision, device)
@@ -412,8 +445,7 @@ def run_trial(inputs: TrialInputs, method: str, lr: float, settings: TrainSettin
         history = list(resume["history"])
     else:
         history = [{"epoch": 0, "step": 0, "lr": lr, "train_loss": None,
-                    "accuracy": evaluate(model, inputs.evals, device, **score), "seconds": 0.0,
-                    "examples_per_s": None}]
+                    **_scored(model, inputs.evals, device, **score), "seconds": 0.0, "examples_per_s": None}]
     augmented = _augmented(inputs.train)
 
     def state() -> dict:
@@ -447,7 +479,7 @@ def run_trial(inputs: TrialInputs, method: str, lr: float, settings: TrainSettin
             _sync_buffers(model)
         history.append({"epoch": epoch, "step": epoch * sampler.steps, "lr": schedule.get_last_lr()[0],
                         "train_loss": float(loss_sum) / sampler.steps,
-                        "accuracy": evaluate(model, inputs.evals, device, **score), "seconds": seconds,
+                        **_scored(model, inputs.evals, device, **score), "seconds": seconds,
                         "examples_per_s": sampler.steps * s.batch_size / seconds if seconds > 0 else None})
         if on_epoch is not None:
             on_epoch(epoch, history, state)
@@ -498,6 +530,12 @@ class BaselineResult:
                 "ood_acc": record["accuracy"][oods[0]] if oods else None,
                 "ood": {name.removeprefix("ood:"): record["accuracy"][name] for name in oods},
                 "lr": trial.lr, "epoch": record["epoch"], "source": "measured"}
+
+    def chosen_correct(self) -> dict[str, np.ndarray] | None:
+        """Per-example correctness at the chosen (learning rate, epoch), by set; None for a history
+        stored before records carried it."""
+        packed = self.chosen.best(self.select_on).get("correct")
+        return unpack_correct(packed) if packed else None
 
     def to_dict(self) -> dict:
         chosen = self.chosen

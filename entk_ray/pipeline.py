@@ -245,11 +245,11 @@ def _run(cfg: Config, backend: Backend | None, progress: bool, log: Callable[[st
 
     start = time.perf_counter()
     report = cfg.report
+    from entk_ray.report import add_intervals
+
     if report.bootstrap_resamples:
         labels = {name: problem.eval_labels[name] for name in ["id_val", *oods]}
         predictions = [probe.predictions, *chosen_predictions(problem, [early, converged], cfg.solver)]
-        from entk_ray.report import add_intervals
-
         for row, predicted in zip(measured, predictions):
             # one example of slack: the sweep may have scored this point in another process
             add_intervals(row, {name: predicted[name] == labels[name] for name in labels}, "id_val",
@@ -270,7 +270,12 @@ def _run(cfg: Config, backend: Backend | None, progress: bool, log: Callable[[st
         trained = run_baselines(cfg, benchmark, probe, problem.select_on, fingerprint, log=log,
                                 factory=classifier_factory)
         timings["finetune_s"] = time.perf_counter() - start
-        rows += [baseline.row() for baseline in trained.values()]
+        for baseline in trained.values():
+            row, correct = baseline.row(), baseline.chosen_correct()
+            if report.bootstrap_resamples and correct is not None:
+                add_intervals(row, {name: correct[name] for name in ["id_val", *oods]}, "id_val",
+                              report.bootstrap_resamples, report.bootstrap_seed)
+            rows.append(row)
     timings["total_s"] = time.perf_counter() - t0
     result = RunResult(rows, runs, probe, problem.select_on, timings, fingerprint, sizes, trained=trained)
     from entk_ray.report import write_results

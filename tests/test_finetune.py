@@ -12,7 +12,8 @@ from entk_ray.config import Config, ConfigError
 from entk_ray.data.augment import SeededAugmentation, TensorCrop, training_set
 from entk_ray.distributed.testing import TinyClassifierFactory, TinyFeaturizerFactory, tiny_benchmark
 from entk_ray.finetune import (BaselineResult, GlobalBatchSampler, TrainSettings, TrialInputs, TrialResult,
-                               autocast_dtype, best_epoch, probe_head, resolve_batchnorm, run_trial)
+                               autocast_dtype, best_epoch, evaluate_examples, pack_correct, probe_head,
+                               resolve_batchnorm, run_trial, unpack_correct)
 from entk_ray.report import format_table
 
 CPU = torch.device("cpu")
@@ -32,6 +33,22 @@ def tiny_inputs(norm="batch", augment="auto", head=None, **bench):
     b = tiny_benchmark(**bench)
     return TrialInputs(TinyClassifierFactory(norm=norm), training_set(b.train, augment), dict(b.eval_sets()),
                        b.num_classes, "id_val", head)
+
+
+def test_per_example_correctness_is_each_examples_argmax_and_survives_packing():
+    b = tiny_benchmark(n_id_val=45)  # not a multiple of 8: the packed form keeps the length
+    evals = dict(b.eval_sets())
+    model = TinyClassifierFactory()("scratch", b.num_classes, None, 3)
+    correct = evaluate_examples(model, evals, CPU, batch_size=7)
+    for name, dataset in evals.items():
+        with torch.no_grad():
+            want = [int(model(dataset[i][0][None]).argmax()) == int(dataset[i][1]) for i in range(len(dataset))]
+        assert correct[name].dtype == bool and correct[name].tolist() == want
+    unpacked = unpack_correct(pack_correct(correct))
+    assert set(unpacked) == set(correct)
+    for name, mask in correct.items():
+        assert np.array_equal(unpacked[name], mask)
+    assert 0 < sum(mask.sum() for mask in correct.values()) < sum(mask.size for mask in correct.values())
 
 
 def test_fine_tuning_improves_id_accuracy_over_its_initialization():
@@ -203,6 +220,9 @@ def test_the_pipeline_adds_the_trained_rows_the_histories_and_the_progress_figur
     assert methods[-3:] == ["Fine-tuning", "LP-FT", "From scratch"]
     for row in payload["rows"][-3:]:
         assert row["lr"] in (0.01, 0.1) and row["epoch"] in (1, 2) and 0 <= row["ood_acc"] <= 1
+        # bootstrap intervals from the chosen epoch's per-example correctness, around the accuracy
+        assert row["id_ci"][0] <= row["id_acc"] <= row["id_ci"][1] and row["id_ci"][0] < row["id_ci"][1]
+        assert row["ood_acc_ci"][0] <= row["ood_acc"] <= row["ood_acc_ci"][1]
     lpft = result.trained["lpft"]
     for trial in lpft.trials:  # the probe is where LP-FT starts
         assert trial.history[0]["accuracy"] == pytest.approx(result.probe.accuracy)

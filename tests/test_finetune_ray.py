@@ -8,7 +8,7 @@ from entk_ray.config import Config
 from entk_ray.data.augment import training_set
 from entk_ray.distributed.testing import CrashOnceClassifierFactory, TinyClassifierFactory, tiny_benchmark
 from entk_ray.distributed.train import TrialScaling, fit_trial, ray_baselines, trainer_storage
-from entk_ray.finetune import TrainSettings, TrialInputs, run_trial
+from entk_ray.finetune import TrainSettings, TrialInputs, run_trial, unpack_correct
 from entk_ray.store import ArtifactStore
 
 CPU = torch.device("cpu")
@@ -46,6 +46,11 @@ def assert_same_history(got, want):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         for name in b["accuracy"]:
             assert abs(a["accuracy"][name] - b["accuracy"][name]) <= 1 / 48 + 1e-12, (name, a, b)
+        # per-example correctness: whole sets, assembled from the workers' shards
+        mine, theirs = unpack_correct(a["correct"]), unpack_correct(b["correct"])
+        for name, mask in mine.items():
+            assert mask.size == 48 and mask.mean() == pytest.approx(a["accuracy"][name], abs=1e-12)
+            assert int((mask != theirs[name]).sum()) <= 1
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9, abs=1e-12)
 
 
