@@ -101,6 +101,7 @@ class LocalBackend(Backend):
             phis[name] = featurizer.features(dataset, progress=progress, desc=f"features {name}")
             embs[name] = featurizer.embeddings(dataset).numpy()
         timings["features_s"] = time.perf_counter() - start
+        timings["examples_computed"] = float(sum(len(dataset) for dataset in splits.values()))
         start = time.perf_counter()
         train = kern.train_kernel([phis["train"]])
         evals = {name: kern.cross_kernel([phis[name]], [phis["train"]]) for name in benchmark.eval_sets()}

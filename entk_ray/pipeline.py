@@ -198,12 +198,7 @@ def _run(cfg: Config, backend: Backend | None, progress: bool, log: Callable[[st
     try:
         ks = backend.kernels(cfg, benchmark, progress=progress)
         timings.update(ks.timings)
-        examples = sum(sizes.values())
-        rate = examples / timings["features_s"] if timings.get("features_s") else float("nan")
-        timings["examples_per_s"] = rate
-        log(f"features: {examples} examples in {timings.get('features_s', 0):.1f}s ({rate:.1f} examples/s, "
-            f"decoding + gradients); kernels: K {ks.train.shape} in {timings.get('kernels_s', 0):.1f}s; "
-            f"p={ks.p}, S={ks.subset_fingerprint}")
+        log(features_line(timings, sum(sizes.values()), ks))
 
         s = cfg.solver
         eval_labels = {name: ds.labels for name, ds in benchmark.eval_sets().items()}
@@ -298,6 +293,25 @@ def _run(cfg: Config, backend: Backend | None, progress: bool, log: Callable[[st
 
         result.paths.update(write_training(cfg.store.out_dir, trained, runs, rows, probe.accuracy))
     return result
+
+
+def features_line(timings: dict, examples: int, ks: KernelSet) -> str:
+    """The run's features/kernels line. Sets ``timings["examples_per_s"]`` (examples computed per
+    second of the features stage; absent when nothing was computed)."""
+    where = f"p={ks.p}, S={ks.subset_fingerprint}"
+    if "store_load_s" in timings:
+        return (f"features and kernels: K {ks.train.shape} and the evaluation kernels loaded from the artifact store "
+                f"in {timings['store_load_s']:.1f}s (nothing computed); {where}")
+    computed = int(timings.get("examples_computed", examples))
+    seconds = timings.get("features_s", 0.0)
+    done = f"{examples} examples" if computed == examples else \
+        f"{computed} of {examples} examples computed ({examples - computed} loaded from the artifact store)"
+    rate = ""
+    if computed and seconds > 0:
+        timings["examples_per_s"] = computed / seconds
+        rate = f" ({timings['examples_per_s']:.1f} examples/s, decoding + gradients)"
+    return (f"features: {done} in {seconds:.1f}s{rate}; kernels: K {ks.train.shape} in "
+            f"{timings.get('kernels_s', 0.0):.1f}s; {where}")
 
 
 def describe_preprocessing(cfg: Config) -> str:

@@ -87,3 +87,21 @@ def test_demo_cli_prints_the_table(tmp_path, capsys):
         assert method in out
     assert "| Method | ID | ID 95% CI | OOD | OOD 95% CI |" in out
     assert (tmp_path / "results.json").exists()
+
+
+def test_the_features_line_counts_only_examples_computed_here():
+    from types import SimpleNamespace
+
+    from entk_ray.pipeline import features_line
+
+    ks = SimpleNamespace(train=np.zeros((6, 6)), p=500, subset_fingerprint="abc")
+    fresh = {"features_s": 2.0, "kernels_s": 1.0, "examples_computed": 10.0}
+    assert features_line(fresh, 10, ks).startswith("features: 10 examples in 2.0s (5.0 examples/s")
+    assert fresh["examples_per_s"] == 5.0
+    partial = {"features_s": 2.0, "kernels_s": 1.0, "examples_computed": 4.0}
+    line = features_line(partial, 10, ks)
+    assert "4 of 10 examples computed (6 loaded from the artifact store) in 2.0s (2.0 examples/s" in line
+    loaded = {"features_s": 0.0, "kernels_s": 0.0, "store_load_s": 0.3}
+    line = features_line(loaded, 10, ks)
+    assert "loaded from the artifact store in 0.3s (nothing computed)" in line and "nan" not in line
+    assert "examples_per_s" not in loaded

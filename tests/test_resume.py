@@ -103,6 +103,7 @@ def test_killed_driver_resumes_without_recomputing(ray_local, tmp_path, monkeypa
     backend = RayBackend(cfg, featurizer_factory=pipeline_child.factory(cfg))
     pipeline.run(cfg, backend=backend, progress=False, log=lambda _msg: None)
     resumed = json.loads((out / "results.json").read_text())
+    assert "store_load_s" in resumed["timings"] and "examples_per_s" not in resumed["timings"]  # nothing computed
     reference = json.loads((tmp_path / "ref" / "results.json").read_text())
     assert format_table(resumed["rows"]) == format_table(reference["rows"])
     for got, want in zip(resumed["rows"], reference["rows"]):

@@ -245,7 +245,8 @@ class _KernelStage:
             self.block_bar.close()
             self._release_pool()
         done = time.perf_counter()
-        self.timings.update(features_s=self.features_done - self.t0, kernels_s=done - self.features_done)
+        self.timings.update(features_s=self.features_done - self.t0, kernels_s=done - self.features_done,
+                            examples_computed=float(sum(s.size for s in compute)))
         return self._finish()
 
     # -------------------------------------------------------------- store
