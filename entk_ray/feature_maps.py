@@ -393,20 +393,7 @@ class JLFeatureComputer(HookFeatureComputer):
 
     def _features(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         batch = x.shape[0]
-        records: dict[str, dict] = {name: {} for name in self.layers}
-        handles = []
-        for name, module in self.layers.items():
-            handles.extend(self._install_hooks(name, module, records[name]))
-        try:
-            with torch.enable_grad():
-                y = self.model(x).reshape(batch)
-                if any(r.get("calls", 0) != 1 for r in records.values()):
-                    raise RuntimeError("a hooked layer ran more or less than once in one forward")
-                deltas = torch.autograd.grad(y.sum(), inputs=[r["edge"] for r in records.values()],
-                                             allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
+        records, deltas = self._capture(x)
         if out is None:
             out = torch.empty((batch, self.jl.p), dtype=torch.float32, device=x.device)
         out.zero_()

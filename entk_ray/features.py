@@ -280,7 +280,10 @@ class HookFeatureComputer(FeatureComputer):
             if getattr(module, "inplace", False) is True:
                 module.inplace = False
 
-    def _features(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    def _capture(self, x: torch.Tensor) -> tuple[dict[str, dict], tuple[torch.Tensor | None, ...]]:
+        """One hooked forward and one backward to the hooked layers' outputs: per layer its input
+        (``records[name]["in"]``) and δ = ∂f/∂(layer output) per example (None: the layer does not
+        influence the output)."""
         batch = x.shape[0]
         records: dict[str, dict] = {name: {} for name in self.layers}
         handles = []
@@ -297,6 +300,11 @@ class HookFeatureComputer(FeatureComputer):
         finally:
             for h in handles:
                 h.remove()
+        return records, deltas
+
+    def _features(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        batch = x.shape[0]
+        records, deltas = self._capture(x)
         grads: dict[str, torch.Tensor] = {}
         for (name, rec), delta in zip(records.items(), deltas):
             if delta is None:  # the layer does not influence the output: zero gradient
