@@ -100,6 +100,18 @@ def ray_cluster(ray_manager):
     return ray_manager.multi_node()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny networks train on one intra-op thread, as in a 1-CPU Ray Train worker: more threads
+    only contend on a small shared machine (the numbers hold at any thread count)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "ray: starts or uses a Ray instance (local or a multi-node test cluster); "
                                        "the math alone: pytest -m 'not ray'")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from references import random_problem
 
 from entk_ray import kernels as kern
 from entk_ray.config import Config
@@ -21,7 +22,6 @@ from entk_ray.solvers import (
     SolverSettings,
     choose_converged,
     choose_early_stopping,
-    make_problem,
     solve_sweep,
 )
 
@@ -210,20 +210,6 @@ def test_store_reuse_partial_and_changed_fingerprint(ray_local, tmp_path):
 # --------------------------------------------------------------------------------------------
 # The Tune sweep
 # --------------------------------------------------------------------------------------------
-def random_problem(n=60, m=30, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 12))
-    y = rng.integers(0, classes, n)
-    x[np.arange(n), y] += 2.0
-    xe = rng.normal(size=(m, 12))
-    ye = rng.integers(0, classes, m)
-    xe[np.arange(m), ye] += 2.0
-    xo = rng.normal(size=(m, 12)) * 1.5
-    yo = rng.integers(0, classes, m)
-    xo[np.arange(m), yo] += 1.0
-    return make_problem(x @ x.T, y, {"id_val": xe @ x.T, "ood:o": xo @ x.T}, {"id_val": ye, "ood:o": yo}, classes)
-
-
 @pytest.mark.parametrize("method", ["spectral", "nag"])
 def test_tune_sweep_equals_direct_solver(ray_local, tmp_path, method):
     cfg = tiny_config(tmp_path)

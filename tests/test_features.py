@@ -1,12 +1,14 @@
 """Per-example gradient features: every computer equals a per-example autograd loop; S is stable.
 
 More on the default (sampled) computer in tests/test_sampled_features.py."""
+import logging
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from references import autograd_loop
 from torch import nn
 
 from entk_ray.features import (FuncFeatureComputer, HookFeatureComputer, SampledFeatureComputer, compute_features,
@@ -54,17 +56,6 @@ def make_model(seed=0):
             m.weight.data.normal_(1, 0.2)
             m.bias.data.normal_(0, 0.2)
     return model.eval()
-
-
-def autograd_loop(model, subset, x):
-    params = dict(model.named_parameters())
-    local = subset.per_parameter()
-    names = [n for n in subset.names if n in local]
-    rows = []
-    for i in range(x.shape[0]):
-        grads = torch.autograd.grad(model(x[i:i + 1]).sum(), [params[n] for n in names])
-        rows.append(torch.cat([g.reshape(-1)[local[n]] for n, g in zip(names, grads)]))
-    return torch.stack(rows)
 
 
 COMPUTERS = {"sampled": SampledFeatureComputer, "hooks": HookFeatureComputer, "func": FuncFeatureComputer}
@@ -148,7 +139,7 @@ def test_train_mode_is_rejected():
         make_feature_computer(model, select_parameters(model, 100, 0), "hooks")
 
 
-def test_unsupported_layers_fall_back_to_func():
+def test_unsupported_layers_fall_back_to_func_with_a_logged_reason(caplog):
     class WithLayerNorm(nn.Module):
         def __init__(self):
             super().__init__()
@@ -161,10 +152,14 @@ def test_unsupported_layers_fall_back_to_func():
     model = WithLayerNorm().eval()
     subset = select_parameters(model, 10**6, 0)
     assert any("LayerNorm" in s for s in unsupported_modules(model))
-    assert isinstance(make_feature_computer(model, subset, "auto"), FuncFeatureComputer)
+    with caplog.at_level(logging.WARNING, logger="entk_ray.features"):
+        assert isinstance(make_feature_computer(model, subset, "auto"), FuncFeatureComputer)
+    assert "LayerNorm" in caplog.text and "using func" in caplog.text
     for method in ("sampled", "hooks"):
-        with pytest.raises(ValueError, match="LayerNorm"):
+        with pytest.raises(ValueError, match=f"{method} features do not support these layers: .*LayerNorm"):
             make_feature_computer(model, subset, method)
+    with pytest.raises(ValueError, match="feature method must be one of auto, sampled, hooks, func"):
+        make_feature_computer(model, subset, "fast")
     x = torch.randn(3, 3, 2, 2)
     phi = make_feature_computer(model, subset, "auto")(x)
     torch.testing.assert_close(phi, autograd_loop(model, subset, x), rtol=1e-5, atol=1e-6)

@@ -19,14 +19,7 @@ from entk_ray.report import format_table
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny networks train on one intra-op thread, as in a 1-CPU Ray Train worker: more threads
-    only contend on a small shared machine (the numbers hold at any thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_inputs(norm="batch", augment="auto", head=None, **bench):

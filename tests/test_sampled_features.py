@@ -7,7 +7,6 @@ Triton kernel's logic (in Triton's CPU interpreter), memory that does not grow w
 the fallback for unsupported layers, and the pieces of the feature pipeline (loader reuse,
 double-buffered staging, reduced-precision error).
 """
-import logging
 import os
 import subprocess
 import sys
@@ -15,10 +14,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from references import autograd_loop
 from torch import nn
 
 from entk_ray.data.base import TensorLabeledDataset
-from entk_ray.features import (FuncFeatureComputer, HookFeatureComputer, SampledFeatureComputer, _HostStager,
+from entk_ray.features import (HookFeatureComputer, SampledFeatureComputer, _HostStager,
                                _LOADERS, compute_features, make_feature_computer, peak_memory_bytes,
                                select_parameters, storage_kernel_error, tf32_mode)
 from entk_ray.models import ScalarHeadModel, create_lite0_backbone, create_resnet_backbone
@@ -28,19 +28,6 @@ REL_TOL = 1e-5  # the issue's agreement bar; observed ~1e-7 (float32 round-off)
 
 def relative_error(phi: torch.Tensor, reference: torch.Tensor) -> float:
     return ((phi.double() - reference.double()).norm() / reference.double().norm()).item()
-
-
-def autograd_loop(model, subset, x):
-    """Reference: one autograd.grad per example, then S's coordinates."""
-    params = dict(model.named_parameters())
-    local = subset.per_parameter()
-    names = [n for n in subset.names if n in local]
-    rows = []
-    for i in range(x.shape[0]):
-        grads = torch.autograd.grad(model(x[i:i + 1]).sum(), [params[n] for n in names], allow_unused=True)
-        grads = [torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)]
-        rows.append(torch.cat([g.reshape(-1)[local[n]] for n, g in zip(names, grads)]))
-    return torch.stack(rows)
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 1) -> nn.Module:
@@ -249,26 +236,8 @@ def test_memory_does_not_grow_with_layer_size():
     assert peak_sampled < 0.1 * layer_bytes, (peak_sampled, layer_bytes)
 
 
-def test_auto_falls_back_with_a_logged_reason(caplog):
-    class WithLayerNorm(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.LayerNorm(4))
-            self.head = nn.Linear(4, 1, bias=False)
-
-        def forward(self, x):
-            return self.head(self.backbone(x)).reshape(-1)
-
-    model = WithLayerNorm().eval()
-    subset = select_parameters(model, 10**6, 0)
-    with caplog.at_level(logging.WARNING, logger="entk_ray.features"):
-        computer = make_feature_computer(model, subset, "auto")
-    assert isinstance(computer, FuncFeatureComputer)
-    assert "LayerNorm" in caplog.text and "using func" in caplog.text
-    with pytest.raises(ValueError, match="sampled features do not support these layers: .*LayerNorm"):
-        make_feature_computer(model, subset, "sampled")
-    with pytest.raises(ValueError, match="feature method must be one of auto, sampled, hooks, func"):
-        make_feature_computer(model, subset, "fast")
+def test_hooks_is_a_hook_computer_on_every_supported_conv():
+    # the LayerNorm fallback (auto → func, with its logged reason) is tested in test_features.py
     assert isinstance(make_feature_computer(every_conv_model(), select_parameters(every_conv_model(), 50, 0),
                                             "hooks"), HookFeatureComputer)
 

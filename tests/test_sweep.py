@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from references import random_problem
 from ray.tune.search import Searcher
 
 from entk_ray.config import Config
@@ -29,7 +30,6 @@ from entk_ray.distributed.sweep_trials import (
 )
 from entk_ray.solvers import (
     SolverSettings,
-    make_problem,
     solve_sweep,
     telescopic_search,
 )
@@ -37,20 +37,6 @@ from entk_ray.solvers import (
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = SolverSettings(max_steps=60, eval_every=10, r_grid=(1e-4, 1e-3, 1e-2, 0.1, 1.0), rounds=3,
                           points_per_round=5)
-
-
-def random_problem(n=60, m=30, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 12))
-    y = rng.integers(0, classes, n)
-    x[np.arange(n), y] += 2.0
-    xe = rng.normal(size=(m, 12))
-    ye = rng.integers(0, classes, m)
-    xe[np.arange(m), ye] += 2.0
-    xo = rng.normal(size=(m, 12)) * 1.5
-    yo = rng.integers(0, classes, m)
-    xo[np.arange(m), yo] += 1.0
-    return make_problem(x @ x.T, y, {"id_val": xe @ x.T, "ood:o": xo @ x.T}, {"id_val": ye, "ood:o": yo}, classes)
 
 
 def one_process_rounds(problem, settings):
