@@ -279,12 +279,16 @@ class Config:
                 raise ConfigError(f"override {shown!r} must look like section.field=value")
             key, raw = item.split("=", 1)
             parts = key.strip().split(".")
+            # below a mapping field (storage_options) any key may be set, nested ones included
+            free = next((i for i in range(1, len(parts)) if ".".join(parts[:i]) in _mapping_fields(Config)), None)
             node = data
-            for part in parts[:-1]:
+            for depth, part in enumerate(parts[:-1]):
+                if free is not None and depth >= free and isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
                 if not isinstance(node, dict) or part not in node:
                     raise ConfigError(f"override {shown!r}: unknown config field {key!r}")
                 node = node[part]
-            if not isinstance(node, dict) or parts[-1] not in node:
+            if not isinstance(node, dict) or (parts[-1] not in node and free is None):
                 raise ConfigError(f"override {shown!r}: unknown config field {key!r}")
             try:
                 node[parts[-1]] = yaml.safe_load(raw)
@@ -481,6 +485,19 @@ def _from_dict(cls, data: dict[str, Any], prefix: str):
         sub = _SECTIONS.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
         kwargs[key] = _from_dict(sub, value, f"{prefix}{key}.") if sub else _coerce_floats(str(ftype), value)
     return cls(**kwargs)
+
+
+def _mapping_fields(cls, prefix: str = "") -> set[str]:
+    """Dotted names of the free-form mapping fields (``dict[...]``) of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    names = set()
+    for f in dataclasses.fields(cls):
+        annotation = hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            names |= _mapping_fields(annotation, f"{prefix}{f.name}.")
+        elif typing.get_origin(annotation) is dict:
+            names.add(f"{prefix}{f.name}")
+    return names
 
 
 def _coerce_floats(ftype: str, value: Any) -> Any:

@@ -31,6 +31,16 @@ def test_unknown_fields_are_rejected():
         Config.from_dict({"model": {"depth": 3}})
 
 
+def test_any_key_of_the_storage_options_mapping_can_be_set():
+    cfg = Config().with_overrides(["storage_options.key=abc", "storage_options.client_kwargs.endpoint_url=http://h:9",
+                                   "storage_options.anon=false"]).validate()
+    assert cfg.storage_options == {"key": "abc", "client_kwargs": {"endpoint_url": "http://h:9"}, "anon": False}
+    with pytest.raises(ConfigError, match=r"unknown config field 'storage_option\.key'"):
+        Config().with_overrides(["storage_option.key=abc"])
+    with pytest.raises(ConfigError, match=r"unknown config field 'model\.name\.x'"):
+        Config().with_overrides(["model.name.x=1"])
+
+
 def test_yaml_and_cli_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("features:\n  p: 1234\nsolver:\n  r_grid: [0.1, 1.0]\n")

@@ -92,7 +92,7 @@ def test_command_lines_keep_their_shape_and_lose_credentials():
     assert args[6] == f"--set=storage_options.secret={REDACTED}" and args[8] == f"storage_options={REDACTED}"
     assert args[10] == f"s3://{REDACTED}@bucket/runs"
 
-    for bad in (f"storage_options.secret={FAKE_SECRET}", f"storage_options={{key: {FAKE_KEY}, secret: ["):
+    for bad in (f"storage_options.secret=[{FAKE_SECRET}", f"storage_options={{key: {FAKE_KEY}, secret: ["):
         with pytest.raises(ConfigError) as info:
             Config().with_overrides([bad])
         assert not any(secret in str(info.value) for secret in SECRETS), str(info.value)
