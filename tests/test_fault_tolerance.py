@@ -21,6 +21,7 @@ from entk_ray.distributed import RayBackend
 from entk_ray.distributed.blocks import TRAIN
 from entk_ray.distributed.testing import (
     CrashOnceFactory,
+    SlowFactory,
     TinyFeaturizerFactory,
     tiny_benchmark,
 )
@@ -107,7 +108,9 @@ def test_ray_kill_feature_actor_mid_run(ray_local, tmp_path):
             ray.kill(pool.actors[actor_id], no_restart=False)
             killed.append(actor_id)
 
-    backend = RayBackend(cfg, featurizer_factory=factory, store=None, on_event=kill_one)
+    # 0.5 s per shard: the kill lands while the other actor's shard is still being computed (with
+    # millisecond shards its call could already be done, leaving the restarted actor nothing to do)
+    backend = RayBackend(cfg, featurizer_factory=SlowFactory(factory, 0.5), store=None, on_event=kill_one)
     ks = backend.kernels(cfg, benchmark, progress=False)
     assert killed, "no actor was killed"
     assert len(pids_before) == 2

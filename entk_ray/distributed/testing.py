@@ -12,7 +12,8 @@ from a seeded generator, so a driver and any actor build bitwise-identical copie
   :class:`~entk_ray.distributed.RayBackend` for that model.
 * :func:`tiny_benchmark` — a few classes of noisy prototypes (ID) and shifted, noisier copies (OOD).
 * :class:`CrashOnceFactory` — wraps a factory so the process computing one chosen shard exits
-  mid-shard (once per marker file): a real crash for fault-tolerance tests.
+  mid-shard (once per marker file): a real crash for fault-tolerance tests; :class:`SlowFactory`
+  makes every shard slower, so a fault injected mid-call lands mid-call.
 * :class:`TinyClassifierFactory` / :class:`CrashOnceClassifierFactory` — the same for the trained
   baselines (``entk_ray.finetune``): a tiny classifier, and one whose training process exits once.
 """
@@ -104,6 +105,32 @@ class _CrashingFeaturizer:
                 raise RuntimeError(f"injected failure in the shard starting at row {first}")
             os._exit(1)  # the actor process dies mid-shard, like a segfault or an OOM kill
         return self._inner.features(dataset, indices, **kwargs)
+
+
+class _SlowFeaturizer:
+    def __init__(self, inner, seconds: float):
+        self._inner, self._seconds = inner, seconds
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def features(self, dataset, indices=None, **kwargs):
+        time.sleep(self._seconds)
+        return self._inner.features(dataset, indices, **kwargs)
+
+
+class SlowFactory:
+    """Wraps a featurizer factory: every shard takes ``seconds`` longer, so a fault injected
+    while a shard is in flight lands mid-call (tiny models otherwise finish in milliseconds)."""
+
+    def __init__(self, inner, seconds: float):
+        self.inner, self.seconds = inner, seconds
+
+    def __call__(self, device="cpu"):
+        return _SlowFeaturizer(self.inner(device), self.seconds)
+
+    def weights_fingerprint(self) -> str:
+        return self.inner.weights_fingerprint()
 
 
 class CrashOnceFactory:
