@@ -303,7 +303,23 @@ class Namespace:
         keys = self.keys(prefix)
         for key in keys:
             self.delete_key(key)
+        if not self.store.is_remote:  # object stores have no folders to leave behind
+            self._remove_empty_folders({posixpath.dirname(self._path(key, "")) for key in keys})
         return len(keys)
+
+    def _remove_empty_folders(self, folders: set[str]) -> None:
+        """Remove each folder a deletion emptied, and its parents up to this namespace's own folder."""
+        top = posixpath.join(self.store.root, self.fingerprint)
+        fs = self.store.fs
+        for folder in sorted(folders, key=len, reverse=True):  # deepest first
+            while folder.startswith(top + "/"):
+                try:
+                    if fs.ls(folder, detail=False):
+                        break
+                    fs.rmdir(folder)
+                except (FileNotFoundError, OSError):
+                    break
+                folder = posixpath.dirname(folder)
 
     def delete_key(self, key: str) -> None:
         """Remove one artifact (its sidecar first); what is already gone is not an error."""

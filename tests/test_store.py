@@ -291,3 +291,13 @@ def test_delete_racing_list_then_load_is_missing_not_a_crash(tmp_path, caplog):
         stop.set()
         thread.join()
     assert not errors
+
+
+def test_deleting_a_prefix_leaves_no_empty_local_folders(tmp_path):
+    ns = ArtifactStore(str(tmp_path / "store")).namespace("fp1")
+    for key in ("blocks/train/0_0", "blocks/train/0_1", "blocks/id_val/0_0", "kernels/train"):
+        ns.save_array(key, np.ones(2))
+    assert ns.delete("blocks/") == 3
+    top = tmp_path / "store" / "fp1"
+    assert not (top / "blocks").exists()
+    assert (top / "kernels").is_dir() and ns.keys() == ["kernels/train"]
