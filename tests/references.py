@@ -32,3 +32,10 @@ def random_problem(n=60, m=30, classes=3, seed=0):
     yo = rng.integers(0, classes, m)
     xo[np.arange(m), yo] += 1.0
     return make_problem(x @ x.T, y, {"id_val": xe @ x.T, "ood:o": xo @ x.T}, {"id_val": ye, "ood:o": yo}, classes)
+
+
+def assert_accuracies_close(got: np.ndarray, want: np.ndarray, examples: int, what: str = "") -> None:
+    """Accuracy curves computed by two code paths (another BLAS, thread count, process or solver)
+    agree up to one example: an accuracy counts argmaxes of scores that agree to round-off, and
+    one example may sit on a tie that round-off breaks either way."""
+    np.testing.assert_allclose(got, want, rtol=0, atol=1.0 / examples + 1e-12, err_msg=what)

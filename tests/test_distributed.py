@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from references import random_problem
+from references import assert_accuracies_close, random_problem
 
 from entk_ray import kernels as kern
 from entk_ray.config import Config
@@ -229,8 +229,9 @@ def test_tune_sweep_equals_direct_solver(ray_local, tmp_path, method):
     for got, want in zip(runs, direct):
         assert np.array_equal(got.steps, want.steps)
         assert got.accuracy.keys() == want.accuracy.keys()
-        for name in want.accuracy:
-            assert np.array_equal(got.accuracy[name], want.accuracy[name])
+        for name in want.accuracy:  # the trial's process sums in its own order: one example of slack
+            assert_accuracies_close(got.accuracy[name], want.accuracy[name], len(problem.eval_labels[name]),
+                                    f"{method} r={got.r} {name}")
         np.testing.assert_allclose(got.grad_norm, want.grad_norm, rtol=1e-9)
         assert got.converged == want.converged and got.final_step == want.final_step
     for choose in (choose_early_stopping, choose_converged):

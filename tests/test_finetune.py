@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from references import assert_accuracies_close
 
 from entk_ray.baselines import linear_probe
 from entk_ray.cli import COMMON_OPTIONS, build_parser, config_from_args
@@ -72,7 +73,8 @@ def test_lpft_starts_from_the_linear_probe_with_its_standardization_folded_in():
     np.testing.assert_allclose(logits, decision, rtol=1e-4, atol=1e-4 * np.abs(decision).max())
     inputs = TrialInputs(factory, training_set(b.train), dict(b.eval_sets()), b.num_classes, "id_val", head)
     history = run_trial(inputs, "lpft", 0.01, TrainSettings(epochs=1, batch_size=16), CPU)
-    assert history[0]["accuracy"]["id_val"] == pytest.approx(probe.accuracy["id_val"])
+    # float32 network vs float64 scikit-learn: one example of slack at a round-off tie
+    assert_accuracies_close(history[0]["accuracy"]["id_val"], probe.accuracy["id_val"], len(b.id_val))
 
 
 def test_batchnorm_auto_keeps_the_pretrained_statistics_on_the_digits_and_trains_them_elsewhere():
@@ -217,8 +219,10 @@ def test_the_pipeline_adds_the_trained_rows_the_histories_and_the_progress_figur
         assert row["id_ci"][0] <= row["id_acc"] <= row["id_ci"][1] and row["id_ci"][0] < row["id_ci"][1]
         assert row["ood_acc_ci"][0] <= row["ood_acc"] <= row["ood_acc_ci"][1]
     lpft = result.trained["lpft"]
-    for trial in lpft.trials:  # the probe is where LP-FT starts
-        assert trial.history[0]["accuracy"] == pytest.approx(result.probe.accuracy)
+    for trial in lpft.trials:  # the probe is where LP-FT starts (float32 vs float64: one example of slack)
+        assert trial.history[0]["accuracy"].keys() == result.probe.accuracy.keys()
+        for name, accuracy in result.probe.accuracy.items():
+            assert_accuracies_close(trial.history[0]["accuracy"][name], accuracy, len(result.probe.predictions[name]))
     assert set(payload["trained"]) == {"ft", "lpft", "scratch"}
     with open(tmp_path / "training.csv") as fh:
         lines = list(csv.DictReader(fh))

@@ -73,7 +73,8 @@ def test_kernels_are_reproducible(small_run):
     bench = build_benchmark(cfg)
     a = LocalBackend().kernels(cfg, bench, progress=False)
     b = LocalBackend().kernels(cfg, bench, progress=False)
-    assert np.array_equal(a.train, b.train)
+    # the same computation twice: equal up to round-off (the BLAS may pick other kernels per call)
+    np.testing.assert_allclose(a.train, b.train, rtol=0, atol=1e-6 * np.abs(a.train).max())
     assert a.subset_fingerprint == b.subset_fingerprint
     np.testing.assert_allclose(a.train, a.train.T)
     assert np.linalg.eigvalsh(a.train).min() > -1e-8 * np.trace(a.train)

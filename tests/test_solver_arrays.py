@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from references import assert_accuracies_close
 
 from entk_ray.arrays import NUMPY, ArrayNamespace, namespace_for
 from entk_ray.solvers import (NagSolver, SolverSettings, SpectralSolver, Spectrum, extreme_eigenvalues,
@@ -61,8 +62,8 @@ def test_batched_nag_equals_per_beta_nag(namespace, momentum):
         assert run.converged == alone.converged and run.beta == alone.beta
         for name in problem.eval_kernels:
             # reason: argmaxes of scores equal to round-off; at most one example may sit on a tie
-            np.testing.assert_allclose(run.accuracy[name], alone.accuracy[name], rtol=0,
-                                       atol=1.0 / len(problem.eval_labels[name]) + 1e-12, err_msg=f"{r} {name}")
+            assert_accuracies_close(run.accuracy[name], alone.accuracy[name], len(problem.eval_labels[name]),
+                                    f"{r} {name}")
             # reason: the losses of the same scores up to round-off of the batched GEMM
             np.testing.assert_allclose(run.loss[name], alone.loss[name], rtol=1e-10)
             scores = [problem.eval_kernels[name] @ a for a in alphas]
@@ -91,9 +92,8 @@ def test_torch_on_cpu_gives_numpys_sweep(method):
         # reason: torch's and numpy's BLAS sum in different orders; accuracies count argmaxes of
         # scores that agree to ~1e-12 relative: at most one example may sit on a tie
         for name in problem.eval_kernels:
-            np.testing.assert_allclose(a.accuracy[name], b.accuracy[name], rtol=0,
-                                       atol=1.0 / len(problem.eval_labels[name]) + 1e-12,
-                                       err_msg=f"{method} r={a.r} {name}")
+            assert_accuracies_close(a.accuracy[name], b.accuracy[name], len(problem.eval_labels[name]),
+                                    f"{method} r={a.r} {name}")
             np.testing.assert_allclose(a.loss[name], b.loss[name], rtol=1e-9)
         np.testing.assert_allclose(a.grad_norm, b.grad_norm, rtol=1e-8, atol=1e-12)
         assert a.beta == pytest.approx(b.beta, rel=1e-14)
@@ -123,8 +123,7 @@ def test_batched_spectral_recurrence_equals_one_r_at_a_time():
             alone = solver.path(r, 250, 5, 1e-7)
             assert np.array_equal(run.steps, alone.steps) and run.converged == alone.converged
             for name in problem.eval_kernels:  # reason: as above, one example of slack at a tie
-                np.testing.assert_allclose(run.accuracy[name], alone.accuracy[name], rtol=0,
-                                           atol=1.0 / len(problem.eval_labels[name]) + 1e-12)
+                assert_accuracies_close(run.accuracy[name], alone.accuracy[name], len(problem.eval_labels[name]))
             np.testing.assert_allclose(run.grad_norm, alone.grad_norm, rtol=1e-12, atol=1e-15)
 
 
