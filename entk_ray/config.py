@@ -360,11 +360,7 @@ class Config:
                 _existing_path(f"data.ood_dirs[{i}]", path, options)
 
         _choice("solver.method", s.method, SOLVER_METHODS)
-        if not s.r_grid:
-            raise ConfigError("solver.r_grid must not be empty")
-        for i, value in enumerate(s.r_grid):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"solver.r_grid[{i}] must be a positive number, got {value!r}")
+        _positive_grid("solver.r_grid", s.r_grid)
         _int("solver.rounds", s.rounds, minimum=1, what="a positive integer")
         _int("solver.points_per_round", s.points_per_round, minimum=2, what="an integer ≥ 2")
         _int("solver.max_extensions", s.max_extensions, minimum=0, what="a non-negative integer")
@@ -383,11 +379,7 @@ class Config:
             raise ConfigError(f"solver.dtype=float32 needs solver.method=spectral (a float32 eigh); "
                               f"NAG runs in float64, got solver.method={s.method!r}")
 
-        if not pr.c_grid:
-            raise ConfigError("probe.c_grid must not be empty")
-        for i, value in enumerate(pr.c_grid):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"probe.c_grid[{i}] must be a positive number, got {value!r}")
+        _positive_grid("probe.c_grid", pr.c_grid)
         _int("probe.max_iter", pr.max_iter, minimum=1, what="a positive integer")
         _int("report.bootstrap_resamples", self.report.bootstrap_resamples, minimum=0,
              what="a non-negative integer (0: no intervals)")
@@ -421,11 +413,7 @@ class Config:
         if ft.batch_size % ft.num_workers:
             raise ConfigError(f"finetune.batch_size ({ft.batch_size}) must be a multiple of finetune.num_workers "
                               f"({ft.num_workers}): each worker takes an equal share of the global batch")
-        if not ft.lr_grid:
-            raise ConfigError("finetune.lr_grid must not be empty")
-        for i, value in enumerate(ft.lr_grid):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"finetune.lr_grid[{i}] must be a positive number, got {value!r}")
+        _positive_grid("finetune.lr_grid", ft.lr_grid)
         for name in ("momentum", "weight_decay"):
             value = getattr(ft, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
@@ -613,6 +601,15 @@ def _one_line(exc: BaseException) -> str:
 def _int(name: str, value: Any, minimum: int | None = None, what: str = "an integer") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
         raise ConfigError(f"{name} must be {what}, got {value!r}")
+
+
+def _positive_grid(name: str, values: list) -> None:
+    """A non-empty list of positive numbers (a hyper-parameter grid)."""
+    if not values:
+        raise ConfigError(f"{name} must not be empty")
+    for i, value in enumerate(values):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ConfigError(f"{name}[{i}] must be a positive number, got {value!r}")
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
