@@ -23,7 +23,6 @@ results.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -307,13 +306,7 @@ def cross_kernel(eval_shards: Sequence[torch.Tensor], train_shards: Sequence[tor
 
 def row_sq_norms(phi: torch.Tensor | np.ndarray) -> np.ndarray:
     """k(x, x) = ‖φ(x)‖² per row, summed in float64 (the diagonal of an evaluation set's own kernel)."""
-    if isinstance(phi, np.ndarray) and not phi.flags.writeable:
-        # Φ from Ray's object store is read-only; this only reads it (torch warns otherwise)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.as_tensor(phi)
-    else:
-        t = torch.as_tensor(phi)
+    t = torch.as_tensor(phi)
     out = np.empty(t.shape[0], dtype=np.float64)
     for start in range(0, t.shape[0], 256):  # bounded float64 copies
         out[start:start + 256] = t[start:start + 256].double().pow(2).sum(1).numpy()

@@ -161,6 +161,8 @@ def test_ray_kernels_uneven_shards_and_bfloat16(ray_local, tmp_path):
     assert rel_err(ks.train, train) <= 1e-6
     for name in benchmark.eval_sets():
         assert rel_err(ks.evals[name], evals[name]) <= 1e-6
+        # ‖φ(x)‖² (span analysis) from the same bfloat16 Φ, decoded, not its int16 bits
+        np.testing.assert_allclose(ks.eval_diagonals[name], (phi[name].double() ** 2).sum(1).numpy(), rtol=1e-6)
     assert len(backend.stats["pids"]) == 1 and backend.stats["shards_computed"] == 3 + 2 + 1
 
 

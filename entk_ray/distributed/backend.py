@@ -43,7 +43,7 @@ from entk_ray.backends import Backend, KernelSet, run_fingerprint
 from entk_ray.config import Config
 from entk_ray.data.base import Benchmark
 from entk_ray.distributed import metrics
-from entk_ray.distributed.actors import FeaturePool, Shard, load_stored_shard
+from entk_ray.distributed.actors import FeaturePool, Shard, load_stored_shard, phi_from_wire
 from entk_ray.distributed.blocks import TRAIN, KernelAssembler
 from entk_ray.distributed.runtime import (
     cluster_cpus,
@@ -418,7 +418,7 @@ class _KernelStage:
         if ray.get(ref):
             self.assembler.add_shard(shard, phi_ref)
             if shard.split != TRAIN:
-                self.diagonal_refs[shard] = _row_sq_norms_task.remote(phi_ref)
+                self.diagonal_refs[shard] = _row_sq_norms_task.remote(phi_ref, self.cfg.features.storage_dtype)
             self.stats["shards_loaded"] += 1
             self.emit("shard_loaded", shard=shard)
         else:  # missing (deleted meanwhile) or corrupt (logged and discarded by the task)
@@ -437,7 +437,7 @@ class _KernelStage:
         self.inflight.discard(shard)
         self.assembler.add_shard(shard, result.phi)
         if shard.split != TRAIN:
-            self.diagonal_refs[shard] = _row_sq_norms_task.remote(result.phi)
+            self.diagonal_refs[shard] = _row_sq_norms_task.remote(result.phi, self.cfg.features.storage_dtype)
         self._put_embeddings(shard, info["embeddings"])  # the actor has stored both (with a store)
         self.stats["shards_computed"] += 1
         self.stats["pids"].add(info["pid"])
@@ -486,8 +486,8 @@ def _driver_fingerprints(factory) -> tuple[str, int, str]:
 
 
 @ray.remote(num_cpus=0.25)
-def _row_sq_norms_task(phi: np.ndarray) -> np.ndarray:
-    return kern.row_sq_norms(phi)
+def _row_sq_norms_task(phi: np.ndarray, storage_dtype: str) -> np.ndarray:
+    return kern.row_sq_norms(phi_from_wire(phi, storage_dtype))
 
 
 def _diagonal_key(name: str) -> str:
