@@ -329,14 +329,18 @@ def describe_preprocessing(cfg: Config) -> str:
 
 def chosen_predictions(problem: KernelProblem, choices: list[Choice], solver_cfg) -> list[dict]:
     """Per-example predictions (evaluation set → labels) at each chosen (β, step), recomputed on
-    the driver from K: one eigh shared by all choices for the spectral path, NAG reruns otherwise;
+    the driver: from the sweep's spectrum (or one eigh) for the spectral path, NAG reruns otherwise;
     on the solver's device (the driver's GPU when the plan put the solver on one) in its dtype."""
     from entk_ray.arrays import namespace_for
     from entk_ray.solvers import SpectralSolver
 
     settings = SolverSettings.from_config(solver_cfg)
     xp = namespace_for("cpu" if settings.device == "cpu" else "auto")
-    solver = SpectralSolver.from_problem(problem, xp, settings.dtype) if settings.method == "spectral" else None
+    solver = None
+    if settings.method == "spectral":
+        swept = getattr(problem, "spectrum", None)  # the spectrum the sweep used: no second eigh
+        solver = SpectralSolver(swept, namespace=xp) if swept is not None and swept.eigh_dtype == settings.dtype \
+            else SpectralSolver.from_problem(problem, xp, settings.dtype, vectors=False)
     return [predictions_at(problem, c.r, c.step, settings, solver=solver) for c in choices]
 
 

@@ -573,9 +573,11 @@ class SpectralSolver:
 
     @classmethod
     def from_problem(cls, problem: KernelProblem, namespace: ArrayNamespace = NUMPY,
-                     dtype: str = "float64") -> "SpectralSolver":
-        spectrum, u = Spectrum.of(problem, namespace, dtype)
-        return cls(spectrum, u, namespace)
+                     dtype: str = "float64", vectors: bool = True) -> "SpectralSolver":
+        """The solver of ``problem``'s K from one eigh; ``vectors=False`` keeps only the spectrum
+        (paths and scores need no U: on a GPU, no n × n copy to the host)."""
+        spectrum, u = Spectrum.of(problem, namespace, dtype, vectors=vectors)
+        return cls(spectrum, u if vectors else None, namespace)
 
     @property
     def lam_max(self) -> float:
@@ -703,7 +705,7 @@ def round_runner(problem: KernelProblem, settings: SolverSettings,
     s = settings
     xp = namespace or solver_namespace(s)
     if s.method == "spectral":
-        solver = SpectralSolver.from_problem(problem, xp, s.dtype)
+        solver = SpectralSolver.from_problem(problem, xp, s.dtype, vectors=False)
     elif s.method == "nag":
         if s.dtype != "float64":
             raise ValueError(f"the NAG solver runs in float64, got solver.dtype={s.dtype!r}")
@@ -1043,7 +1045,7 @@ def predictions_at(problem: KernelProblem, r: float, step: int, settings: Solver
         raise ValueError(f"step must be a positive integer, got {step}")
     xp = namespace_for("cpu" if settings.device == "cpu" else "auto")
     if settings.method == "spectral":
-        solver = solver or SpectralSolver.from_problem(problem, xp, settings.dtype)
+        solver = solver or SpectralSolver.from_problem(problem, xp, settings.dtype, vectors=False)
         scores = solver.scores_at(r, step, settings.tol, settings.momentum)
     elif settings.method == "nag":
         lam_max, lam_min = extreme_eigenvalues(problem.kernel, namespace=xp)
