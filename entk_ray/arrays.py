@@ -18,7 +18,6 @@ Two rules keep results reproducible:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,12 +158,6 @@ class ArrayNamespace:
         del k
         return lam, u
 
-    def synchronize(self) -> None:
-        if self.on_gpu:
-            import torch
-
-            torch.cuda.synchronize(self.device)
-
     def memory_bytes(self) -> float:
         """Total memory of this namespace's GPU (0 for the CPU)."""
         if not self.on_gpu:
@@ -202,7 +195,3 @@ def namespace_for(device: str) -> ArrayNamespace:
                                "(use solver.device=auto or cpu, or run where a GPU is visible)")
         return ArrayNamespace("torch", device)
     raise ValueError(f"solver device must be cpu, cuda or auto, got {device!r}")
-
-
-def ceil_div(a: int, b: int) -> int:
-    return int(math.ceil(a / b))

@@ -388,9 +388,6 @@ class JLFeatureComputer(HookFeatureComputer):
     def output_dim(self) -> int:
         return self.jl.p
 
-    def _assemble(self, grads, batch, out=None):  # called once per batch with every layer: see _features
-        raise NotImplementedError
-
     def _features(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         batch = x.shape[0]
         records, deltas = self._capture(x)

@@ -55,10 +55,6 @@ class Featurizer:
         computer = feature_map.computer(model, feature_cfg.method, feature_cfg.chunk_size)
         return cls(model, feature_map, computer, feature_cfg)
 
-    @property
-    def feature_map(self) -> FeatureMap | ParameterSubset:
-        return self.subset
-
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, feature_cfg: FeatureConfig,
                     storage_options: dict[str, Any] | None = None,

@@ -35,7 +35,6 @@ one-process path (:func:`local_baselines`) and inside each Ray Train worker for 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -607,8 +606,3 @@ def run_baselines(cfg: Config, benchmark, probe, select_on: str, fingerprint: st
 
         return ray_baselines(cfg, inputs, fingerprint, log=log)
     return local_baselines(cfg, inputs, log=log)
-
-
-def progress(record: dict, epochs: int) -> float:
-    """Fraction of training done at a record: epoch / epochs."""
-    return record["epoch"] / epochs if epochs else math.nan

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from entk_ray.solvers import SolverRun
 
-TRAINING_FILES = ("training.csv", "accuracy_vs_progress.png")
 
 
 def _label(name: str) -> str:

@@ -60,11 +60,6 @@ def beta_from_r(kernel: np.ndarray, r: float) -> float:
     return ridge_beta(r, float(np.trace(kernel)), kernel.shape[0])
 
 
-def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of rows whose argmax over classes (first on ties) equals the label."""
-    return float(np.mean(np.argmax(scores, axis=-1) == labels))
-
-
 @dataclass
 class KernelProblem:
     """Everything a solver needs: K, targets, and labelled evaluation kernels.
@@ -1024,12 +1019,6 @@ def solve_sweep(problem: KernelProblem, settings: SolverSettings = SolverSetting
     return telescopic_search(lambda rs, _round: run_round(rs), settings.r_grid, settings.rounds,
                              settings.points_per_round, problem.select_on, max_extensions=settings.max_extensions,
                              progress=progress)
-
-
-def path_runner(problem: KernelProblem, settings: SolverSettings) -> Callable[[float], SolverRun]:
-    """``run(r) -> SolverRun`` with the one-off work (eigh, or λ_max/λ_min) done once, up front."""
-    run_round = round_runner(problem, settings)
-    return lambda r: run_round([r])[0]
 
 
 def predictions_at(problem: KernelProblem, r: float, step: int, settings: SolverSettings,

@@ -49,13 +49,6 @@ def span_fractions(eigenvalues: np.ndarray, projected: np.ndarray, self_kernel: 
     return np.clip(fraction, 0.0, 1.0)
 
 
-def span_fractions_direct(kernel: np.ndarray, cross: np.ndarray, self_kernel: np.ndarray, epsilon: float) -> np.ndarray:
-    """The same from a linear solve (reference for tests; O(n³))."""
-    n = kernel.shape[0]
-    solved = np.linalg.solve(kernel + epsilon * np.eye(n), cross.T)  # (n, m)
-    return 1.0 - np.einsum("mn,nm->m", cross, solved) / self_kernel
-
-
 def epsilon_of(r_eps: float, trace: float, n: int) -> float:
     return float(r_eps) * float(trace) / int(n)
 

@@ -39,3 +39,10 @@ def assert_accuracies_close(got: np.ndarray, want: np.ndarray, examples: int, wh
     agree up to one example: an accuracy counts argmaxes of scores that agree to round-off, and
     one example may sit on a tie that round-off breaks either way."""
     np.testing.assert_allclose(got, want, rtol=0, atol=1.0 / examples + 1e-12, err_msg=what)
+
+
+def span_fractions_direct(kernel: np.ndarray, cross: np.ndarray, self_kernel: np.ndarray, epsilon: float) -> np.ndarray:
+    """entk_ray.span.span_fractions from a linear solve (O(n³)): 1 − k_eᵀ(K + εI)⁻¹k_e / k(x, x)."""
+    n = kernel.shape[0]
+    solved = np.linalg.solve(kernel + epsilon * np.eye(n), cross.T)  # (n, m)
+    return 1.0 - np.einsum("mn,nm->m", cross, solved) / self_kernel

@@ -2,9 +2,10 @@
 the same from the solver's spectrum as from a direct solve; the run's span summary."""
 import numpy as np
 import pytest
+from references import span_fractions_direct
 
 from entk_ray.solvers import Spectrum, make_problem
-from entk_ray.span import analyze, effective_ranks, span_fractions, span_fractions_direct, write_span_analysis
+from entk_ray.span import analyze, effective_ranks, span_fractions, write_span_analysis
 
 
 def features(n=20, m=15, p=60, seed=0):

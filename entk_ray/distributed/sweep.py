@@ -210,13 +210,6 @@ def spectral_trial_bytes(problem: KernelProblem, settings: SolverSettings, rs: i
     return spectrum + work + 1e9
 
 
-def nag_trial_bytes(problem: KernelProblem, rs: int) -> float:
-    """GPU memory of a NAG trial solving ``rs`` r values: K, the K_e, eight (n, rs, C) states."""
-    n, classes = problem.n, problem.targets.shape[1]
-    m = sum(k.shape[0] for k in problem.eval_kernels.values())
-    return 8.0 * (n * n + m * n + 8 * n * rs * classes) + 1e9
-
-
 def sweep_layout(problem: KernelProblem, settings: SolverSettings, *, cpu_slots: int, gpus: float,
                  gpu_memory: float = 0.0, rs_per_trial: int | None = None) -> SweepLayout:
     """Trials for ``settings.device``: on CPUs (``cpu``, or ``auto`` on a cluster without GPUs) one r
