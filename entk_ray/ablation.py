@@ -26,7 +26,6 @@ otherwise one after another in this process. ``scripts/ablate.py`` is the comman
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -41,6 +40,7 @@ import yaml
 
 from entk_ray.config import Config, ConfigError
 from entk_ray.fingerprints import digest
+from entk_ray.storage import deep_merged
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class AblationGrid:
     def config(self) -> Config:
         """The base Config (validated), out_dir included."""
         cfg = Config.from_yaml(self.base_config) if self.base_config else Config()
-        merged = _merge(cfg.to_dict(), self.base)
+        merged = deep_merged(cfg.to_dict(), self.base or {})
         cfg = Config.from_dict(merged)
         cfg.store.out_dir = self.out_dir
         return cfg.validate()
@@ -124,16 +124,6 @@ class AblationGrid:
             raise ConfigError(f"grid.base must be a mapping of config sections, got {self.base!r}")
         self.config()
         return self
-
-
-def _merge(into: dict, update: dict) -> dict:
-    out = copy.deepcopy(into)
-    for key, value in (update or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 class ConfigSetup:
@@ -573,7 +563,7 @@ def main(argv=None) -> int:
         if args.no_ray:
             grid.use_ray = False
         if args.address:
-            grid.base = _merge(grid.base, {"ray": {"address": args.address}})
+            grid.base = deep_merged(grid.base or {}, {"ray": {"address": args.address}})
         if args.maps:
             grid.maps = [m.strip() for m in args.maps.split(",") if m.strip()]
             grid.p_by_map = {k: v for k, v in grid.p_by_map.items() if k in grid.maps}

@@ -227,11 +227,7 @@ def run_cli(argv: Sequence[str] | None, description: str, base: Config, extra: d
     start = time.perf_counter()
     try:
         result = pipeline.run(cfg, progress=not args.quiet, reference_rows=reference_rows)
-    except PlanError as exc:  # the plan (printed above) does not fit: nothing was computed
-        if args.debug:
-            raise
-        fail(str(exc))
-    except Exception as exc:
+    except Exception as exc:  # a PlanError (the plan printed above does not fit) is a user error too
         expected = find_user_error(exc)
         if args.debug or (expected is None and not unreachable(exc)):
             raise

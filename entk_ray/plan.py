@@ -26,7 +26,6 @@ lazily when they are already loaded or installed.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from entk_ray.config import IMAGE_BENCHMARKS, PLAN_HARDWARE, Config
+from entk_ray.errors import UserInputError
 
 GB = 1e9
 GiB = 2.0**30
@@ -158,7 +158,7 @@ def rate(device: str, quantity: str) -> float:
     return PLANNING_RATES[key].value
 
 
-class PlanError(ValueError):
+class PlanError(UserInputError, ValueError):
     """The run does not fit the hardware; the message names the shortfall and settings that fit."""
 
     def __init__(self, message: str, plan: "Plan | None" = None):
@@ -1318,7 +1318,6 @@ class FinetuneSweepPlan:
     decode_rate: float  # images/s its CPUs decode (JPEG + crop)
     at_once: int
     trial_seconds: float
-    sweep_seconds: float
     gpu_bytes: float  # per GPU
     host_bytes: float  # per trial
     checkpoint_bytes: float
@@ -1326,6 +1325,10 @@ class FinetuneSweepPlan:
     @property
     def trials(self) -> int:
         return self.methods * self.lrs
+
+    @property
+    def sweep_seconds(self) -> float:
+        return self.waves * self.trial_seconds
 
     @property
     def rate(self) -> float:
@@ -1391,10 +1394,9 @@ def plan_finetune_sweep(cfg: Config, sizes: RunSizes | None = None, resources: R
     gpu_bytes = (3 * RESNET50_PARAMETERS * 4 + ft.batch_size / workers * TRAIN_ACTIVATION_BYTES[precision]
                  + TRAIN_WORKSPACE_BYTES)
     host_bytes = workers * (TRAIN_WORKER_HOST_BYTES + decode_cores * LOADER_PROCESS_BYTES)
-    plan = FinetuneSweepPlan(resources, gpu_type, precision, methods, lrs, ft.epochs, ft.batch_size, workers,
+    return FinetuneSweepPlan(resources, gpu_type, precision, methods, lrs, ft.epochs, ft.batch_size, workers,
                              float(ft.cpus_per_worker), images, sizes.n_eval, gpu_rate, decode_rate, at_once,
-                             trial_seconds, 0.0, gpu_bytes, host_bytes, model_bytes + RESNET50_PARAMETERS * 4)
-    return dataclasses.replace(plan, sweep_seconds=plan.waves * trial_seconds)
+                             trial_seconds, gpu_bytes, host_bytes, model_bytes + RESNET50_PARAMETERS * 4)
 
 
 def finetune_markdown() -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from entk_ray.solvers import KernelProblem, Spectrum, SpectralSolver
+from entk_ray.solvers import KernelProblem, Spectrum, SpectralSolver, ridge_beta
 
 EPSILON_RS = (1e-8, 1e-6, 1e-4, 1e-2, 1.0)  # ε = r_ε · tr(K)/n, the values whose effect is reported
 PRIMARY_EPSILON_R = 1e-6
@@ -47,10 +47,6 @@ def span_fractions(eigenvalues: np.ndarray, projected: np.ndarray, self_kernel: 
     with np.errstate(divide="ignore", invalid="ignore"):
         fraction = np.where(diag > 0, 1.0 - inside / diag, np.nan)
     return np.clip(fraction, 0.0, 1.0)
-
-
-def epsilon_of(r_eps: float, trace: float, n: int) -> float:
-    return float(r_eps) * float(trace) / int(n)
 
 
 def effective_ranks(eigenvalues: np.ndarray) -> dict[str, float]:
@@ -120,7 +116,7 @@ def run_span_analysis(problem: KernelProblem, self_kernels: Mapping[str, np.ndar
     """(summary, per-example arrays) for the model at (r, step), from the problem's spectrum
     (``problem.spectrum`` when the spectral solver left one, else one eigh here)."""
     spectrum = spectrum or getattr(problem, "spectrum", None) or Spectrum.of(problem)[0]
-    eps = {float(r_eps): epsilon_of(r_eps, spectrum.trace, spectrum.n) for r_eps in sorted({*epsilon_rs, primary})}
+    eps = {float(r_eps): ridge_beta(r_eps, spectrum.trace, spectrum.n) for r_eps in sorted({*epsilon_rs, primary})}
     names = [n for n in problem.eval_kernels if n in self_kernels and n != "holdout"]
     preds = predictions(spectrum, r, step, momentum=momentum)
     correct = {n: preds[n] == problem.eval_labels[n] for n in names}

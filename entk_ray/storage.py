@@ -54,7 +54,7 @@ def filesystem_for(path: str, storage_options: dict[str, Any] | None = None):
     options = dict(storage_options or {}) if is_remote(path) else {}
     s3 = str(path).startswith(("s3://", "s3a://"))
     if s3:
-        options["config_kwargs"] = _merged(S3_CONFIG, options.get("config_kwargs") or {})
+        options["config_kwargs"] = deep_merged(S3_CONFIG, options.get("config_kwargs") or {})
     fs, inner = fsspec.core.url_to_fs(path, **options)
     if s3:
         fs.retries = S3_FS_RETRIES  # an instance attribute of s3fs (default 5); fsspec caches fs per options
@@ -96,7 +96,7 @@ def write_deadline(fs, nbytes: int, storage_options: dict[str, Any] | None = Non
     connect + read timeout, plus the transfer at :data:`MIN_UPLOAD_RATE` at worst."""
     if not getattr(fs, "async_impl", False):
         return None
-    config = _merged(S3_CONFIG, (storage_options or {}).get("config_kwargs") or {})
+    config = deep_merged(S3_CONFIG, (storage_options or {}).get("config_kwargs") or {})
     attempts = request_attempts(config) * int(getattr(fs, "retries", 1) or 1)
     per_attempt = float(config.get("connect_timeout") or 60) + float(config.get("read_timeout") or 60)
     return attempts * per_attempt + nbytes / MIN_UPLOAD_RATE
@@ -112,12 +112,12 @@ def request_attempts(config: dict[str, Any]) -> int:
     return 3 if retries.get("mode") == "standard" else 5  # botocore's defaults
 
 
-def _merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+def deep_merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """``defaults`` updated by ``given``, nested dicts key by key; a deep copy (botocore edits the
     ``retries`` dict it is given)."""
     out = copy.deepcopy(defaults)
     for key, value in given.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = deep_merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -164,7 +164,7 @@ def unreachable_message(url: str, storage_options: dict[str, Any] | None, exc: B
                         what: str = "") -> str:
     options = storage_options or {}
     endpoint = (options.get("client_kwargs") or {}).get("endpoint_url") or options.get("endpoint_url")
-    config = _merged(S3_CONFIG, options.get("config_kwargs") or {})
+    config = deep_merged(S3_CONFIG, options.get("config_kwargs") or {})
     where = f" (endpoint {endpoint})" if endpoint else ""
     limits = (f"connect_timeout={config.get('connect_timeout')} s, read_timeout={config.get('read_timeout')} s, "
               f"{request_attempts(config)} attempts per request" if str(url).startswith("s3") else "")

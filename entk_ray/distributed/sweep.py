@@ -154,7 +154,7 @@ def trial_slots(problem: KernelProblem, settings: SolverSettings, cpu_slots: int
     """Trials to run at once: enough actors for a round's work, at most one per CPU slot and per
     trial of the largest round, and at least one. A small sweep (the quick-start's) runs on one
     reused actor: a second one would cost more to start than the work it takes over."""
-    largest_round = max(len(settings.r_grid), settings.points_per_round if settings.rounds > 1 else 0)
+    largest_round = settings.largest_round
     trials = math.ceil(largest_round / rs_per_trial)
     worth = math.ceil(largest_round * path_flops(problem, settings) / ACTOR_START_FLOPS)
     return max(1, min(cpu_slots, trials, worth))
