@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from entk_ray.features import (FeatureComputer, HookFeatureComputer, ParameterSubset, candidate_parameters,
-                               make_feature_computer, select_parameters)
+                               layout_seed, make_feature_computer, select_parameters, uniform_indices)
 from entk_ray.fingerprints import digest
 
 MAP_KINDS = ("uniform", "head", "stratified", "last_blocks", "norm", "jl")
@@ -186,11 +186,6 @@ def _positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _layout_seed(names, shapes) -> int:
-    layout = hashlib.sha256(repr(list(zip(names, shapes))).encode()).digest()
-    return int.from_bytes(layout[:8], "little")
-
-
 def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
     """Integers q_t ≤ weights_t with Σ q_t = min(total, Σ weights) and q_t ≈ total·w_t/Σw."""
     weights = np.asarray(weights, dtype=np.int64)
@@ -205,20 +200,11 @@ def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
     return quotas
 
 
-def _uniform_over(names, shapes, p: int, seed: int) -> np.ndarray:
-    """p flat coordinates uniformly without replacement (the draw of ``select_parameters``)."""
-    total = int(sum(int(np.prod(s)) for s in shapes))
-    if p >= total:
-        return np.arange(total, dtype=np.int64)
-    rng = np.random.default_rng([int(seed), _layout_seed(names, shapes)])
-    return np.sort(rng.choice(total, size=int(p), replace=False)).astype(np.int64)
-
-
 def _stratified_over(names, shapes, p: int, seed: int) -> np.ndarray:
     """The same fraction p/D of every tensor: q_t by largest remainder, then q_t uniform within t."""
     sizes = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
     quotas = _largest_remainder(sizes, p)
-    rng = np.random.default_rng([int(seed), _layout_seed(names, shapes), 0x57A7])
+    rng = np.random.default_rng([int(seed), layout_seed(names, shapes), 0x57A7])
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     parts = [offset + np.sort(rng.choice(size, size=quota, replace=False))
              for offset, size, quota in zip(offsets, sizes, quotas) if quota]
@@ -288,7 +274,7 @@ def build_feature_map(model: nn.Module, spec: str | MapSpec, p: int, seed: int,
     shapes = tuple(tuple(int(d) for d in prm.shape) for _, prm in named)
     if spec.kind == "jl":
         return JLMap(spec, names, shapes, p, seed)
-    draw = _stratified_over if spec.kind == "stratified" else _uniform_over
+    draw = _stratified_over if spec.kind == "stratified" else uniform_indices
     return SubsetMap(spec, ParameterSubset(names, shapes, draw(names, shapes, p, seed), int(seed)))
 
 

@@ -131,14 +131,24 @@ def select_parameters(model: nn.Module, p: int, seed: int, include_head: bool = 
         raise ValueError("the model has no trainable parameters to select from")
     names = tuple(n for n, _ in named)
     shapes = tuple(tuple(int(d) for d in prm.shape) for _, prm in named)
+    return ParameterSubset(names=names, shapes=shapes, flat_indices=uniform_indices(names, shapes, p, seed),
+                           seed=int(seed))
+
+
+def layout_seed(names, shapes) -> int:
+    """A seed from the parameters' names and shapes (the same model gives the same seed anywhere)."""
+    layout = hashlib.sha256(repr(list(zip(names, shapes))).encode()).digest()
+    return int.from_bytes(layout[:8], "little")
+
+
+def uniform_indices(names, shapes, p: int, seed: int) -> np.ndarray:
+    """p flat coordinates of the concatenated parameters, uniformly without replacement, sorted
+    (all of them when p ≥ their number); the RNG is seeded with ``seed`` and :func:`layout_seed`."""
     total = int(sum(int(np.prod(s)) for s in shapes))
     if p >= total:
-        indices = np.arange(total, dtype=np.int64)
-    else:
-        layout = hashlib.sha256(repr(list(zip(names, shapes))).encode()).digest()
-        rng = np.random.default_rng([int(seed), int.from_bytes(layout[:8], "little")])
-        indices = np.sort(rng.choice(total, size=int(p), replace=False)).astype(np.int64)
-    return ParameterSubset(names=names, shapes=shapes, flat_indices=indices, seed=int(seed))
+        return np.arange(total, dtype=np.int64)
+    rng = np.random.default_rng([int(seed), layout_seed(names, shapes)])
+    return np.sort(rng.choice(total, size=int(p), replace=False)).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------
