@@ -300,10 +300,11 @@ class _KernelStage:
             raise RuntimeError(f"no embeddings for splits {missing}")
         train = self.assembler.kernels[TRAIN]
         evals = {name: self.assembler.kernels[name] for name in self.eval_names}
-        diagonals = self._diagonals() or _load_diagonals(self.ns, self.eval_names)
+        computed = self._diagonals()
+        diagonals = computed or _load_diagonals(self.ns, self.eval_names)
         if self.ns is not None:
             start = time.perf_counter()
-            for name, values in diagonals.items():
+            for name, values in computed.items():  # loaded ones are stored already
                 self.ns.save_array(_diagonal_key(name), values, meta={"split": name})
             save_kernels(self.ns, train, evals, self.embeddings)
             if not self.keep_partials:  # nothing reads them again: see the module docstring
