@@ -165,11 +165,17 @@ def weights_fingerprint(model_cfg: ModelConfig, storage_options: Mapping[str, An
     """Short hex sha256 (16 characters) of the bytes of the weights file ``build_model`` would load.
 
     Keys artifacts by the actual weights, so replacing a checkpoint at the same path is noticed.
-    Local files are hashed once per (path, size, mtime).
+    Files are hashed once per (path, size, mtime) — remote ones once per (URL, size, ETag or
+    modification time), one metadata request per call instead of a download.
     """
     path = resolve_weights_path(model_cfg)
     if is_remote(path):
-        return file_digest(path, dict(storage_options or {}))
+        fs, inner = filesystem_for(path, dict(storage_options or {}))
+        info = fs.info(inner)
+        version = (path, info.get("size"), str(info.get("ETag") or info.get("LastModified") or info.get("mtime")))
+        if version not in _REMOTE_DIGESTS:
+            _REMOTE_DIGESTS[version] = file_digest(path, dict(storage_options or {}))
+        return _REMOTE_DIGESTS[version]
     path = local_path(path)
     stat = os.stat(path)
     return _sha256_of_local(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)[:16]
@@ -519,6 +525,10 @@ def _format_keys(keys: list[str]) -> str:
     shown = ", ".join(keys[:_MAX_KEYS_IN_MESSAGE])
     more = len(keys) - _MAX_KEYS_IN_MESSAGE
     return f"[{shown}{f', ... (+{more} more)' if more > 0 else ''}] ({len(keys)} in all)"
+
+
+#: Digests of remote weights by (URL, size, version): no credentials in the key.
+_REMOTE_DIGESTS: dict[tuple, str] = {}
 
 
 @functools.lru_cache(maxsize=32)

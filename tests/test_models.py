@@ -428,3 +428,22 @@ def test_each_backbone_takes_its_pretrained_preprocessing(name, tmp_path):
     assert steps[0] == {"op": "resize", "size": 32, "interpolation": prep.interpolation, "antialias": True}
     assert steps[1] == {"op": "center_crop", "size": 28}
     assert steps[3] == {"op": "normalize", "mean": list(prep.mean), "std": list(prep.std)}
+
+
+def test_remote_weights_are_hashed_once_per_version_and_again_when_replaced(monkeypatch):
+    from s3_server import MotoS3Server
+
+    from entk_ray import fingerprints
+
+    calls = []
+    real = fingerprints.file_digest
+    monkeypatch.setattr(M, "file_digest", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    with MotoS3Server() as s3:
+        s3.make_bucket("weights")
+        fs = s3.filesystem()
+        fs.pipe("weights/model.pth", b"first weights")
+        cfg = ModelConfig(name="efficientnet_lite0", weights="s3://weights/model.pth")
+        first = M.weights_fingerprint(cfg, s3.storage_options)
+        assert M.weights_fingerprint(cfg, s3.storage_options) == first and len(calls) == 1  # no second download
+        fs.pipe("weights/model.pth", b"other weights, other size")
+        assert M.weights_fingerprint(cfg, s3.storage_options) != first and len(calls) == 2
