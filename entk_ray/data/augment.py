@@ -19,6 +19,8 @@ an uninterrupted single-worker run.
 """
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,20 +52,7 @@ class TrainTransform:
     std: tuple[float, ...] = KUMAR_STD
 
     def __call__(self, image) -> torch.Tensor:
-        pipeline = self.__dict__.get("_compiled")
-        if pipeline is None:  # built once per process; the dataclass stays trivially picklable
-            from torchvision import transforms as T
-
-            pipeline = T.Compose([T.RandomResizedCrop(self.crop, antialias=True), T.RandomHorizontalFlip(),
-                                  T.ToTensor(), T.Normalize(self.mean, self.std)])
-            object.__setattr__(self, "_compiled", pipeline)
-        return pipeline(image)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_compiled"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        return _train_pipeline(self.crop, tuple(self.mean), tuple(self.std))(image)
 
     def describe(self) -> dict[str, Any]:
         return {"type": "train", "steps": [
@@ -80,14 +69,29 @@ class TensorCrop:
     ratio: tuple[float, float] = TENSOR_CROP_RATIO
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms import v2
-
-        return v2.RandomResizedCrop(tuple(image.shape[-2:]), scale=self.scale, ratio=self.ratio,
-                                    antialias=True)(image)
+        return _tensor_crop(tuple(image.shape[-2:]), tuple(self.scale), tuple(self.ratio))(image)
 
     def describe(self) -> dict[str, Any]:
         return {"type": "tensor_train", "steps": [
             {"op": "random_resized_crop", "size": "input", "scale": list(self.scale), "ratio": list(self.ratio)}]}
+
+
+@functools.lru_cache(maxsize=8)
+def _train_pipeline(crop: int, mean: tuple[float, ...], std: tuple[float, ...]):
+    """:class:`TrainTransform`'s torchvision pipeline, built once per process (building draws no
+    random numbers: the seeded crops are unchanged)."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomResizedCrop(crop, antialias=True), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(mean, std)])
+
+
+@functools.lru_cache(maxsize=8)
+def _tensor_crop(size: tuple[int, int], scale: tuple[float, float], ratio: tuple[float, float]):
+    """:class:`TensorCrop`'s transform for one image size, built once per process."""
+    from torchvision.transforms import v2
+
+    return v2.RandomResizedCrop(size, scale=scale, ratio=ratio, antialias=True)
 
 
 class SeededAugmentation(Dataset):
