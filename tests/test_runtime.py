@@ -180,3 +180,18 @@ def test_a_jobs_api_url_in_ray_address_is_not_a_cluster_to_join(no_ray, monkeypa
     with pytest.raises(RayConnectionError, match="Jobs API URL"):
         init_ray("https://head:8265")
     assert not ray.is_initialized()
+
+
+def test_object_store_size_goes_to_a_local_start_only(no_ray, monkeypatch):
+    from entk_ray.distributed import runtime
+
+    seen = {}
+    monkeypatch.setattr(runtime, "_start_local", lambda cpus, gpus, dashboard, kwargs: seen.update(local=kwargs))
+    monkeypatch.setattr(runtime, "_join", lambda address, source, timeout, kwargs: seen.update(joined=kwargs))
+    monkeypatch.setattr(runtime, "_describe", lambda **_: runtime.RayConnection(True, "local", None, None, 1, 2.0, 0.0))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    init_ray(None, object_store_memory=2**30)
+    assert seen["local"]["object_store_memory"] == 2**30
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster's nodes were sized when they started
+    init_ray(None, object_store_memory=2**30)
+    assert "object_store_memory" not in seen["joined"]

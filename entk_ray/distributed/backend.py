@@ -103,7 +103,7 @@ class RayBackend(Backend):
         self.namespace: Namespace | None = None
         self.fingerprint: str | None = None
         self.stats: dict[str, Any] = {}
-        if object_store_bytes and cfg.ray.address in (None, "local"):
+        if object_store_bytes:  # init_ray applies it only to a Ray it starts
             init_kwargs.setdefault("object_store_memory", int(object_store_bytes))
         start = time.perf_counter()
         self._started = init_ray(cfg.ray.address, **init_kwargs)

@@ -86,11 +86,12 @@ class RayConnection:
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
-             include_dashboard: bool | None = None, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-             **kwargs) -> RayConnection:
+             include_dashboard: bool | None = None, object_store_memory: int | None = None,
+             connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, **kwargs) -> RayConnection:
     """Start a local Ray (``address=None``) or join ``address``, unless Ray is already initialized.
 
-    ``num_cpus``, ``num_gpus`` and ``include_dashboard`` apply to a local instance only; other
+    ``num_cpus``, ``num_gpus``, ``include_dashboard`` and ``object_store_memory`` (bytes) apply to a
+    local instance only (a cluster's nodes were sized when they started); other
     keyword arguments go to ``ray.init``. Raises :class:`RayConnectionError` when ``address`` (or
     ``RAY_ADDRESS``) cannot be reached within ``connect_timeout_s``. Returns a
     :class:`RayConnection` (truthy iff this call started or joined Ray)."""
@@ -110,6 +111,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         context = _join(address or env_address, source, connect_timeout_s, kwargs)
         mode = "joined"
     else:
+        if object_store_memory:
+            kwargs = {**kwargs, "object_store_memory": int(object_store_memory)}
         context = _start_local(num_cpus, num_gpus, include_dashboard, kwargs)
         mode = "local"
     connection = _describe(started=True, mode=mode, context=context)
