@@ -748,13 +748,14 @@ def float32_eigh_error(problem: KernelProblem, settings: SolverSettings = Solver
     rs = [float(r) for r in (settings.r_grid if rs is None else rs)]
     s = settings
     spectral = SpectralSolver.from_problem(sub, namespace, "float32")
-    lam_max, lam_min = extreme_eigenvalues(sub.kernel)
+    eig64 = symmetric_eigh(sub.kernel, vectors=False)  # NAG's λ_max/λ_min and the eigenvalues' reference
+    lam_max, lam_min = float(eig64[-1]), float(max(eig64[0], 0.0))
     reference, iterates = NagSolver(sub, namespace, lam_max, lam_min).paths(
         rs, s.max_steps, s.eval_every, s.tol, s.momentum, return_iterates=True)
     per_r, worst = [], 0.0
     runs32 = []
     for r, ref, alphas in zip(rs, reference, iterates):
-        beta, steps, coefs, _, _ = spectral.coefficients(r, s.max_steps, s.eval_every, s.tol, s.momentum)
+        _, _, coefs, _, _ = spectral.coefficients(r, s.max_steps, s.eval_every, s.tol, s.momentum)
         run = spectral.path(r, s.max_steps, s.eval_every, s.tol, s.momentum)
         runs32.append(run)
         common = min(len(run.steps), len(ref.steps))
@@ -773,7 +774,6 @@ def float32_eigh_error(problem: KernelProblem, settings: SolverSettings = Solver
         i = best.best_index(sub.select_on)
         return {"r": best.r, "step": int(best.steps[i]), "accuracy": float(best.accuracy[sub.select_on][i])}
 
-    eig64 = symmetric_eigh(sub.kernel, vectors=False)
     return {"n": sub.n, "eigh_dtype": "float32", "reference": "nag float64", "rs": rs,
             "max_accuracy_diff": worst, "per_r": per_r,
             "eigenvalue_rel_error": float(np.max(np.abs(spectral.spectrum.eigenvalues - eig64)) / abs(eig64[-1])),
